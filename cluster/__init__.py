@@ -1,0 +1,1 @@
+"""Cluster configuration, the local launcher, admin plumbing and the CLI."""

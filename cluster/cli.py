@@ -1,0 +1,347 @@
+"""The ``switchboard`` command: up, node, token, chat, admin.
+
+Every operator error (a bad flag, an unusable address, a missing secret, an
+unreachable node) is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "switchboard"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    return code
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= v <= 65535 - 400:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Switchboard: a fault-tolerant presence and "
+                "messaging cluster.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    up = sub.add_parser("up", help="start a local cluster and keep it running")
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument("--data-dir", type=Path, default=Path("data"),
+                    help="where node data and the cluster secret live (default ./data)")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback)")
+    up.add_argument("--base-port", type=_port, default=7100,
+                    help="clients on BASE+k, Raft BASE+100+k, admin BASE+200+k, metrics "
+                    "BASE+300+k (default 7100)")
+    up.add_argument("--json", action="store_true", help="one JSON object per node on stdout")
+    up.add_argument("--grace", type=_positive, help="session resume window in seconds")
+    up.add_argument("--no-fsync", action="store_true", help="do not fsync the Raft journal")
+
+    nd = sub.add_parser("node", help="run one node")
+    nd.add_argument("--id", required=True, help="this node's id, e.g. n1")
+    nd.add_argument("--listen", required=True, help="client address host:port")
+    nd.add_argument("--raft", required=True, help="Raft address host:port (its identity)")
+    nd.add_argument("--peers", default="",
+                    help="the other members' Raft addresses, comma-separated")
+    nd.add_argument("--data-dir", type=Path, required=True)
+    nd.add_argument("--secret-file", type=Path, help="cluster secret (default DATA_DIR/secret)")
+    nd.add_argument("--admin", help="admin address host:port")
+    nd.add_argument("--metrics", help="metrics and health address host:port")
+    nd.add_argument("--grace", type=_positive, default=30.0,
+                    help="seconds a session may wait for a resume (default 30)")
+    nd.add_argument("--node-timeout", type=_positive, default=2.0,
+                    help="a node silent this long has its sessions orphaned (default 2)")
+    nd.add_argument("--fence-after", type=_positive, default=2.0,
+                    help="stop serving after this long without a commit (default 2)")
+    nd.add_argument("--client-heartbeat", type=_positive, default=10.0,
+                    help="clients ping at least this often, seconds (default 10)")
+    nd.add_argument("--no-fsync", action="store_true", help="do not fsync the Raft journal")
+    nd.add_argument("--log-format", choices=["kv", "json"], default="kv")
+    nd.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                    default="info")
+
+    tk = sub.add_parser("token", help="print a login token for USER")
+    tk.add_argument("user")
+    tk.add_argument("--secret-file", type=Path, required=True)
+    tk.add_argument("--ttl", type=_positive, default=86400.0,
+                    help="seconds until the token expires (default one day)")
+
+    ch = sub.add_parser("chat", help="a terminal chat client")
+    ch.add_argument("--nodes", required=True, help="client addresses host:port,...")
+    ch.add_argument("--user", required=True)
+    ch.add_argument("--token", required=True)
+    ch.add_argument("--ordered", action="store_true", help="try the nodes in the order given")
+
+    ad = sub.add_parser("admin", help="inspect and change a running cluster")
+    ad.add_argument("--cluster", required=True, help="admin addresses host:port,...")
+    ad.add_argument("--secret-file", type=Path, default=Path("data/secret"))
+    adsub = ad.add_subparsers(dest="admin_command", metavar="ACTION", parser_class=_Parser)
+    adsub.required = True
+    st = adsub.add_parser("status", help="one row per node")
+    st.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return cmd_up(args)
+        if args.command == "node":
+            return cmd_node(args)
+        if args.command == "token":
+            return cmd_token(args)
+        if args.command == "chat":
+            return cmd_chat(args)
+        if args.command == "admin":
+            return cmd_admin(args)
+    except KeyboardInterrupt:
+        return 130
+    return _fail(f"unknown command {args.command}")
+
+
+# --- node ------------------------------------------------------------------------------
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    import trio
+
+    from node import logs
+    from node.auth import SecretError, read_secret
+    from node.config import ConfigError, NodeConfig, parse_addr
+    from node.server import run_node
+
+    try:
+        listen = parse_addr(args.listen, "--listen address")
+        parse_addr(args.raft, "--raft address")
+        peers = tuple(p.strip() for p in args.peers.split(",") if p.strip() and
+                      p.strip() != args.raft)
+        for peer in peers:
+            parse_addr(peer, "--peers address")
+        admin = parse_addr(args.admin, "--admin address") if args.admin else None
+        metrics = parse_addr(args.metrics, "--metrics address") if args.metrics else None
+        secret_file = args.secret_file or args.data_dir / "secret"
+        read_secret(secret_file)
+        _check_bindable(args.raft, "--raft")
+    except (ConfigError, SecretError) as e:
+        return _fail(str(e))
+    config = NodeConfig(
+        id=args.id, listen=listen, raft=args.raft, peers=peers, data_dir=args.data_dir,
+        secret_file=secret_file, admin=admin, metrics=metrics, grace=args.grace,
+        node_timeout=args.node_timeout, fence_after=args.fence_after,
+        client_heartbeat=args.client_heartbeat, fsync=not args.no_fsync,
+        log_format=args.log_format,
+    )
+    logs.configure(args.id, args.log_format, getattr(logging, args.log_level.upper()))
+
+    def announce(info: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(info) + "\n")
+        sys.stdout.flush()
+
+    try:
+        trio.run(run_node, config, announce)
+    except OSError as e:
+        return _fail(f"node {args.id}: {e.strerror or e}"
+                     + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _check_bindable(addr: str, flag: str) -> None:
+    from node.config import ConfigError, parse_addr
+
+    host, port = parse_addr(addr, f"{flag} address")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot use {flag} {addr}: {e.strerror}") from None
+
+
+# --- up -----------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .launcher import LaunchError, LocalCluster
+
+    node_args: list[str] = []
+    if args.grace:
+        node_args += ["--grace", str(args.grace)]
+    if args.no_fsync:
+        node_args.append("--no-fsync")
+    try:
+        cluster = LocalCluster(args.data_dir, args.nodes, args.host, args.base_port, node_args)
+    except LaunchError as e:
+        return _fail(str(e))
+    stop = {"requested": False}
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        infos = cluster.start(timeout=60)
+        leader = cluster.leader()
+    except LaunchError as e:
+        cluster.stop()
+        return _fail(str(e))
+    except Exception as e:  # e.g. an unwritable data dir
+        cluster.stop()
+        return _fail(f"{type(e).__name__}: {e}")
+    for info in infos:
+        row = {k: info[k] for k in ("id", "client", "raft", "admin", "metrics", "pid")}
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"{row['id']}  client {row['client']}  raft {row['raft']}  admin "
+                  f"{row['admin']}  metrics {row['metrics']}  pid {row['pid']}", flush=True)
+    nodes = ",".join(i["client"] for i in infos)
+    admins = ",".join(i["admin"] for i in infos)
+    secret = cluster.secret_file
+    howto = (
+        f"cluster is up: {len(infos)} nodes, leader {leader}. Talk to it from another shell:\n"
+        f"  TOKEN=$(switchboard token alice --secret-file {secret})\n"
+        f"  switchboard chat --nodes {nodes} --user alice --token $TOKEN\n"
+        f"  switchboard admin --cluster {admins} --secret-file {secret} status\n"
+        "Ctrl-C stops the cluster."
+    )
+    print(howto, file=sys.stderr if args.json else sys.stdout, flush=True)
+    try:
+        while not stop["requested"]:
+            time.sleep(0.2)
+            dead = [np.spec.id for np in cluster.procs.values() if not np.alive()]
+            if dead:
+                print(f"{PROG}: node {dead[0]} exited: {cluster.log_tail(dead[0])}",
+                      file=sys.stderr, flush=True)
+                break
+    finally:
+        cluster.stop()
+    print("cluster stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+# --- token, chat, admin --------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from node.auth import Keys, SecretError, issue_token, read_secret
+
+    try:
+        keys = Keys.from_secret(read_secret(args.secret_file))
+    except SecretError as e:
+        return _fail(str(e))
+    print(issue_token(keys.token, args.user, args.ttl))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import anyio
+
+    from client.chat import run_chat
+    from node.config import ConfigError, parse_addr
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    try:
+        for n in nodes:
+            parse_addr(n, "--nodes address")
+    except ConfigError as e:
+        return _fail(str(e))
+    if not nodes:
+        return _fail("--nodes needs at least one host:port")
+    return int(anyio.run(run_chat, nodes, args.user, args.token, args.ordered))
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from node.auth import Keys, SecretError, read_secret
+    from node.config import ConfigError, parse_addr
+
+    from .adminclient import AdminCallError, admin_call
+
+    addrs = [a.strip() for a in args.cluster.split(",") if a.strip()]
+    try:
+        for a in addrs:
+            parse_addr(a, "--cluster address")
+        keys = Keys.from_secret(read_secret(args.secret_file))
+    except (ConfigError, SecretError) as e:
+        return _fail(str(e))
+    if args.admin_command == "status":
+        rows: list[dict[str, Any]] = []
+        errors = 0
+        for a in addrs:
+            try:
+                st = admin_call(a, keys, "status")
+                st["reachable"] = True
+            except AdminCallError as e:
+                if e.code == "auth-failed":
+                    return _fail(f"{a}: wrong secret ({e.reason})")
+                st = {"admin": a, "reachable": False, "error": e.reason, "role": "unreachable",
+                      "id": "?"}
+                errors += 1
+            rows.append(st)
+        if errors == len(addrs):
+            if args.json:
+                print(json.dumps({"nodes": rows}))
+            return _fail("cluster unreachable: " + "; ".join(r["error"] for r in rows))
+        if args.json:
+            print(json.dumps({"nodes": rows}))
+        else:
+            _print_status(rows)
+        return 0
+    return _fail(f"unknown admin action {args.admin_command}")
+
+
+def _print_status(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="switchboard cluster")
+    for col in ("id", "role", "term", "commit", "applied", "lag", "conns", "sessions",
+                "fenced", "uptime", "client", "admin"):
+        table.add_column(col)
+    commit = max((r.get("commit_index", 0) for r in rows if r.get("reachable")), default=0)
+    for r in rows:
+        if not r.get("reachable"):
+            table.add_row(r.get("id", "?"), "[red]unreachable[/red]", "", "", "", "", "", "",
+                          "", "", "", r["admin"])
+            continue
+        table.add_row(
+            r["id"], r["role"], str(r["term"]), str(r["commit_index"]), str(r["last_applied"]),
+            str(commit - r["last_applied"]), str(r["connections"]),
+            f"{r['sessions_local']}/{r['sessions']}", "yes" if r["fenced"] else "no",
+            f"{r['uptime']:.0f}s", str(r.get("client")), str(r.get("admin")),
+        )
+    Console().print(table)

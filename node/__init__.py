@@ -1,0 +1,1 @@
+"""The Switchboard node: Trio server, client wire protocol, gateway and core."""

@@ -1,0 +1,161 @@
+"""The admin channel: authenticated requests from operators and tooling.
+
+Framing is the client protocol's (4-byte length + CBOR map). A request is
+``{"type": "admin", "token": JWT, "cmd": name, "args": {...}}``; the token is an
+HS256 JWT with ``sub`` = ``admin`` signed with the admin key derived from the
+cluster secret. The answer is ``{"type": "admin-ok", "result": {...}}`` or an
+``error`` frame. One request per connection.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import jwt
+import structlog
+import trio
+
+from .auth import Keys
+from .config import NodeConfig, format_addr
+from .core import Core
+from .gateway import Gateway
+from .protocol import FrameDecoder, RemoteProtocolError, Schema, encode
+
+log = structlog.get_logger("switchboard.admin")
+
+_S = (str,)
+ADMIN_FRAMES: Schema = {"admin": ({"token": _S, "cmd": _S}, {"args": (dict,)})}
+ADMIN_REPLIES: Schema = {
+    "admin-ok": ({"result": (dict,)}, {}),
+    "error": ({"code": _S, "reason": _S}, {"rid": (int,)}),
+}
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class AdminError(Exception):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def issue_admin_token(keys: Keys, ttl: float = 60.0) -> str:
+    now = time.time()
+    return jwt.encode({"sub": "admin", "iat": int(now), "exp": int(now + ttl)}, keys.admin,
+                      algorithm="HS256")
+
+
+def verify_admin_token(keys: Keys, token: str) -> None:
+    try:
+        claims = jwt.decode(token, keys.admin, algorithms=["HS256"], leeway=5,
+                            options={"require": ["sub", "exp"]})
+    except jwt.InvalidTokenError as e:
+        raise AdminError("auth-failed", f"admin token refused: {e}") from None
+    if claims.get("sub") != "admin":
+        raise AdminError("auth-failed", "not an admin token")
+
+
+class AdminServer:
+    """Serves admin requests for one node."""
+
+    def __init__(self, config: NodeConfig, core: Core, gateway: Gateway, keys: Keys,
+                 addresses: dict[str, str | None]):
+        self.config = config
+        self.core = core
+        self.gateway = gateway
+        self.keys = keys
+        self.addresses = addresses
+        self.started = time.monotonic()
+        self.handlers: dict[str, Handler] = {"status": self._status}
+        self.address: str | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        assert self.config.admin is not None
+        host, port = self.config.admin
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.address = format_addr(host, listeners[0].socket.getsockname()[1])
+        task_status.started(self.address)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        decoder = FrameDecoder(ADMIN_FRAMES, 64 * 1024)
+        try:
+            with trio.move_on_after(10):
+                frame = None
+                while frame is None:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    decoder.feed(data)
+                    for f in decoder.frames():
+                        frame = f
+                        break
+                reply = await self._answer(frame)
+                await stream.send_all(encode(reply, 16 * 1024 * 1024))
+        except RemoteProtocolError as e:
+            await _send_quietly(stream, {"type": "error", "code": e.code, "reason": e.reason})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _answer(self, frame: dict[str, Any]) -> dict[str, Any]:
+        try:
+            verify_admin_token(self.keys, frame["token"])
+            handler = self.handlers.get(frame["cmd"])
+            if handler is None:
+                raise AdminError("unknown-command", f"unknown admin command {frame['cmd']!r}")
+            result = await handler(frame.get("args", {}))
+            return {"type": "admin-ok", "result": result}
+        except AdminError as e:
+            log.info("admin request refused", cmd=frame.get("cmd"), code=e.code, reason=e.reason)
+            return {"type": "error", "code": e.code, "reason": e.reason}
+
+    async def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return node_status(self.config, self.core, self.gateway, self.addresses, self.started)
+
+
+def node_status(config: NodeConfig, core: Core, gateway: Gateway,
+                addresses: dict[str, str | None], started: float) -> dict[str, Any]:
+    cs = core.statistics()
+    gs = gateway.statistics()
+    ts = core.table.statistics()
+    raft = cs.raft
+    return {
+        "id": config.id,
+        "pid": os.getpid(),
+        **addresses,
+        "role": raft.role,
+        "leader": raft.leader,
+        "term": raft.term,
+        "commit_index": raft.commit_index,
+        "last_applied": raft.last_applied,
+        "log_len": raft.log_len,
+        "has_quorum": raft.has_quorum,
+        "members": list(raft.members),
+        "connected": list(raft.connected),
+        "match_index": raft.match_index,
+        "fenced": cs.fenced,
+        "ready": core.ready.is_set() and not cs.fenced,
+        "connections": gs.connections,
+        "sessions_local": gs.sessions_local,
+        "sessions": ts.sessions,
+        "orphaned": ts.orphaned,
+        "users": ts.users,
+        "mailbox": ts.mailbox_messages,
+        "uptime": round(time.monotonic() - started, 1),
+        "incarnation": core.inc,
+    }
+
+
+async def _send_quietly(stream: trio.SocketStream, frame: dict[str, Any]) -> None:
+    try:
+        await stream.send_all(encode(frame))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass

@@ -1,0 +1,99 @@
+"""Keys derived from the cluster secret, and login tokens (JWT, HS256).
+
+One secret file per cluster. Each use gets its own key, derived with HMAC and
+a label, so a token key never doubles as the Raft password. The application's
+own backend can issue tokens with the same secret (``issue_token``, or any JWT
+library: HS256, ``sub`` = user name, ``exp`` required, key from ``token_key``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+ISSUER = "switchboard"
+MIN_SECRET_BYTES = 16
+
+
+class SecretError(Exception):
+    """The cluster secret file is missing, unreadable or too short."""
+
+
+class AuthError(Exception):
+    """A login token is wrong, forged or expired."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    token: bytes
+    raft_password: str
+    admin: bytes
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> Keys:
+        def derive(label: bytes) -> bytes:
+            return hmac.new(secret, b"switchboard/" + label + b"/v1", hashlib.sha256).digest()
+
+        return cls(token=derive(b"token"), raft_password=derive(b"raft").hex(),
+                   admin=derive(b"admin"))
+
+
+def create_secret_file(path: Path) -> bool:
+    """Create ``path`` with a fresh random secret, mode 0600; False if it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return True
+
+
+def read_secret(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes().strip()
+    except OSError as e:
+        raise SecretError(f"cannot read the secret file {path}: {e.strerror}") from None
+    if len(raw) < MIN_SECRET_BYTES:
+        raise SecretError(f"the secret in {path} is shorter than {MIN_SECRET_BYTES} bytes")
+    return raw
+
+
+def issue_token(key: bytes, user: str, ttl: float = 3600.0, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    claims = {"sub": user, "iat": int(now), "exp": int(now + ttl), "iss": ISSUER}
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+def verify_token(key: bytes, token: str, user: str) -> None:
+    """Raise ``AuthError`` unless ``token`` is a valid, unexpired token for ``user``."""
+    try:
+        claims = jwt.decode(token, key, algorithms=["HS256"], leeway=5,
+                            options={"require": ["sub", "exp"]})
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired") from None
+    except jwt.InvalidTokenError as e:
+        raise AuthError(f"invalid token: {e}") from None
+    if claims.get("sub") != user:
+        raise AuthError("token is for another user")
+
+
+def hash_resume_token(token: str) -> bytes:
+    """Resume tokens are stored only as this hash in the replicated table."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def new_resume_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(12)

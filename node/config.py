@@ -1,0 +1,64 @@
+"""One node's settings, with the defaults documented in docs/failover.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from replication.raft import RaftTimings
+
+
+class ConfigError(ValueError):
+    """A setting is unusable; the message is one line for the operator."""
+
+
+def parse_addr(text: str, what: str = "address") -> tuple[str, int]:
+    """Parse ``host:port``; raise ``ConfigError`` with a one-line reason."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"bad {what} {text!r}: expected host:port")
+    host = host.strip("[]")
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"bad {what} {text!r}: port is not a number") from None
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"bad {what} {text!r}: port out of range")
+    return host, p
+
+
+def format_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str
+    listen: tuple[str, int]  # client listener
+    raft: str  # host:port, this node's Raft identity
+    peers: tuple[str, ...]  # other members' Raft host:port
+    data_dir: Path
+    secret_file: Path
+    admin: tuple[str, int] | None = None
+    metrics: tuple[str, int] | None = None
+    # Sessions and failure handling
+    grace: float = 30.0  # a session not resumed within this expires
+    node_timeout: float = 2.0  # a node silent this long has its sessions orphaned
+    heartbeat_interval: float = 0.5  # node -> log liveness
+    tick_interval: float = 0.5  # leader -> log clock
+    fence_after: float = 2.0  # no commit for this long: stop serving clients
+    client_heartbeat: float = 10.0  # clients ping at least this often
+    login_deadline: float = 5.0  # a connection must log in within this
+    commit_timeout: float = 10.0  # a request not committed by then answers 'unavailable'
+    # Limits
+    max_frame: int = 256 * 1024
+    max_inflight: int = 512  # requests per connection awaiting commit
+    outbox_limit: int = 8 * 1024 * 1024  # bytes queued to a slow client before it is dropped
+    max_connections: int = 19_000
+    # Group commit
+    batch_max_commands: int = 1000
+    batch_max_bytes: int = 512 * 1024
+    # Replication
+    fsync: bool = True
+    timings: RaftTimings = field(default_factory=RaftTimings)
+    log_format: str = "kv"  # kv or json

@@ -1,0 +1,399 @@
+"""The node's core: group commit into the Raft log; results and effects back out.
+
+Commands go up, effects come down. The gateway (connection side) calls
+``submit(command, on_done)``; the core packs queued commands into one log entry
+(one batch in flight at a time: pysyncobj re-sends entries when more are in
+flight), and when a batch is applied calls, on the Trio thread and in log
+order, each command's ``on_done(result)`` followed by its effects through
+``effect_sink``. A command's result and its effects are handed over together,
+so a login's ``login-ok`` is always queued before the messages it delivers.
+
+The replication thread enters Trio only through ``_from_raft_thread``, which
+queues the event and schedules ``_drain`` with ``TrioToken.run_sync_soon``.
+
+Housekeeping also lives here: the node's heartbeats, the leader's ticks, and
+fencing (a node whose own entries have not committed for ``fence_after``
+seconds cannot reach a majority and must stop serving).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+
+from replication.batch import AppliedBatch, encode_batch
+from replication.commands import Command, Heartbeat, NodeDown, NodeUp, Tick
+from replication.raft import RaftConfig, RaftStatus, ReplicatedLog
+from replication.table import Effect, Result, SessionTable, error
+
+from .config import NodeConfig
+
+log = structlog.get_logger("switchboard.core")
+
+UNAVAILABLE = error("unavailable", "not committed in time; the outcome is unknown")
+SHUTDOWN = error("shutdown", "the node is shutting down")
+RETRY_LOST_AFTER = 1.5  # re-propose a batch nobody answered for this long
+WATCHDOG_PERIOD = 0.02
+
+
+@dataclass(slots=True)
+class _Pending:
+    on_done: Callable[[Result], None]
+    deadline: float
+    submitted: float
+
+
+@dataclass(slots=True)
+class _Inflight:
+    seq: int
+    items: list[tuple[int, Command]]
+    first_proposed: float
+    proposed: float
+    attempt: int = 0
+    retry_at: float | None = None
+
+
+@dataclass(slots=True)
+class CoreStats:
+    queued: int = 0
+    pending: int = 0
+    inflight_commands: int = 0
+    batches_proposed: int = 0
+    batches_committed: int = 0
+    commands_committed: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    applied_index: int = 0
+    fenced: bool = True
+    last_confirmed_age: float = math.inf
+    fsyncs: int = 0
+    fsync_seconds: float = 0.0
+    raft: RaftStatus = field(default_factory=RaftStatus)
+
+
+class Core:
+    """See the module docstring."""
+
+    def __init__(self, config: NodeConfig, raft_password: str):
+        self.config = config
+        self.node_id = config.id
+        self.inc = secrets.randbits(62) | 1
+        self.table = SessionTable(local=(self.node_id, self.inc))
+        self._raft_password = raft_password
+        self.log: ReplicatedLog | None = None
+        # Sinks the gateway sets; all are called on the Trio thread.
+        self.effect_sink: Callable[[list[Effect]], None] = lambda effects: None
+        self.restore_sink: Callable[[list[tuple[str, int]]], None] = lambda sessions: None
+        self.fence_sink: Callable[[bool], None] = lambda fenced: None
+        self.observe_commit: Callable[[float], None] | None = None
+        self._queue: deque[tuple[int, Command]] = deque()
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: deque[tuple[float, int]] = deque()
+        self._next_rid = 1
+        self._batch_seq = 0
+        self._inflight: _Inflight | None = None
+        self._handoff: deque[tuple[str, Any]] = deque()
+        self._handoff_lock = threading.Lock()
+        self._drain_scheduled = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._closing = False
+        self.last_confirmed = -math.inf
+        self.fenced = True
+        self._fence_changed = trio.Event()
+        self.stats = CoreStats()
+        self.ready = trio.Event()  # set when this node's NodeUp has committed
+
+    # --- submitting commands (Trio thread) --------------------------------------
+
+    def submit(self, cmd: Command, on_done: Callable[[Result], None],
+               timeout: float | None = None) -> None:
+        """Queue ``cmd`` for the log; ``on_done(result)`` is called exactly once."""
+        if self._closing:
+            on_done(SHUTDOWN)
+            return
+        rid = self._next_rid
+        self._next_rid += 1
+        now = time.monotonic()
+        deadline = now + (self.config.commit_timeout if timeout is None else timeout)
+        self._pending[rid] = _Pending(on_done, deadline, now)
+        self._deadlines.append((deadline, rid))
+        self._queue.append((rid, cmd))
+        if self._inflight is None:
+            self._propose_next()
+
+    async def request(self, cmd: Command, timeout: float | None = None) -> Result:
+        """Submit ``cmd`` and wait for its result (a checkpoint)."""
+        done = trio.Event()
+        box: list[Result] = []
+
+        def on_done(result: Result) -> None:
+            box.append(result)
+            done.set()
+
+        self.submit(cmd, on_done, timeout)
+        await done.wait()
+        return box[0]
+
+    def _propose_next(self) -> None:
+        if self.log is None or not self._queue:
+            return
+        items: list[tuple[int, Command]] = []
+        size = 0
+        cfg = self.config
+        while self._queue and len(items) < cfg.batch_max_commands and size < cfg.batch_max_bytes:
+            rid, cmd = self._queue.popleft()
+            if rid not in self._pending:  # timed out while queued
+                continue
+            items.append((rid, cmd))
+            body = getattr(cmd, "body", None)
+            size += 64 + (len(body) if body is not None else 0)
+        if not items:
+            return
+        self._batch_seq += 1
+        now = time.monotonic()
+        self._inflight = _Inflight(self._batch_seq, items, now, now)
+        self._send(self._inflight)
+
+    def _send(self, inflight: _Inflight) -> None:
+        assert self.log is not None
+        blob = encode_batch(self.node_id, self.inc, inflight.seq, inflight.items)
+        seq, attempt = inflight.seq, inflight.attempt
+        self.stats.batches_proposed += 1
+
+        def on_fail(reason: str, maybe_applied: bool) -> None:
+            self._from_raft_thread("failed", (seq, attempt, reason, maybe_applied))
+
+        self.log.propose(blob, on_fail)
+
+    def _repropose(self, inflight: _Inflight) -> None:
+        inflight.items = [(rid, cmd) for rid, cmd in inflight.items if rid in self._pending]
+        if not inflight.items:
+            self._inflight = None
+            self._propose_next()
+            return
+        inflight.attempt += 1
+        inflight.retry_at = None
+        inflight.proposed = time.monotonic()
+        self.stats.retries += 1
+        self._send(inflight)
+
+    # --- the bridge from the replication thread ----------------------------------
+
+    def _from_raft_thread(self, kind: str, payload: Any) -> None:
+        """Called on the replication thread (or any thread): hand over to Trio."""
+        with self._handoff_lock:
+            self._handoff.append((kind, payload))
+            if self._drain_scheduled or self._token is None:
+                return
+            self._drain_scheduled = True
+        try:
+            self._token.run_sync_soon(self._drain)
+        except trio.RunFinishedError:
+            pass
+
+    def _on_applied(self, index: int, batch: AppliedBatch) -> None:
+        self._from_raft_thread("applied", (index, batch))
+
+    def _on_restored(self) -> None:
+        # Still on the replication thread, which owns the table.
+        self._from_raft_thread("restored", self.table.local_sessions())
+
+    def _drain(self) -> None:
+        with self._handoff_lock:
+            items = list(self._handoff)
+            self._handoff.clear()
+            self._drain_scheduled = False
+        for kind, payload in items:
+            try:
+                if kind == "applied":
+                    self._handle_applied(*payload)
+                elif kind == "failed":
+                    self._handle_failed(*payload)
+                elif kind == "restored":
+                    self.restore_sink(payload)
+            except Exception:  # a bug here must not take the Trio loop down
+                log.exception("handling a replication event failed", kind=kind)
+
+    def _handle_applied(self, index: int, batch: AppliedBatch) -> None:
+        self.stats.applied_index = index
+        mine = batch.origin == self.node_id and batch.inc == self.inc
+        pending = self._pending
+        sink = self.effect_sink
+        now = time.monotonic()
+        for outcome in batch.outcomes:
+            if mine:
+                p = pending.pop(outcome.rid, None)
+                if p is not None:
+                    if self.observe_commit is not None:
+                        self.observe_commit(now - p.submitted)
+                    try:
+                        p.on_done(outcome.result)
+                    except Exception:
+                        log.exception("on_done failed", rid=outcome.rid)
+            if outcome.effects:
+                try:
+                    sink(outcome.effects)
+                except Exception:
+                    log.exception("carrying out effects failed")
+        if not mine:
+            return
+        self.stats.commands_committed += len(batch.outcomes)
+        inflight = self._inflight
+        if inflight is not None and batch.seq == inflight.seq:
+            self.stats.batches_committed += 1
+            self.last_confirmed = max(self.last_confirmed, inflight.first_proposed)
+            self._inflight = None
+            self._update_fence(now)
+            self._propose_next()
+
+    def _handle_failed(self, seq: int, attempt: int, reason: str, maybe_applied: bool) -> None:
+        inflight = self._inflight
+        if inflight is None or inflight.seq != seq or inflight.attempt != attempt:
+            return
+        backoff = min(0.01 * (2 ** min(inflight.attempt, 5)), 0.25)
+        inflight.retry_at = time.monotonic() + backoff
+        log.debug("proposal refused", reason=reason, maybe_applied=maybe_applied,
+                  attempt=attempt)
+
+    # --- fencing -------------------------------------------------------------------
+
+    def _update_fence(self, now: float) -> None:
+        fenced = now - self.last_confirmed > self.config.fence_after
+        if fenced != self.fenced:
+            self.fenced = fenced
+            self.stats.fenced = fenced
+            log.warning("fenced" if fenced else "unfenced",
+                        last_commit_age=round(now - self.last_confirmed, 3))
+            self._fence_changed.set()
+            self._fence_changed = trio.Event()
+            try:
+                self.fence_sink(fenced)
+            except Exception:
+                log.exception("fence_sink failed")
+
+    async def wait_fence_changed(self) -> None:
+        await self._fence_changed.wait()
+
+    # --- background services -----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start replication (the SyncObj is built here, on the main thread) and the
+        housekeeping tasks; ``started()`` once the Raft port is bound."""
+        self._token = trio.lowlevel.current_trio_token()
+        cfg = self.config
+        raft_cfg = RaftConfig(
+            self_addr=cfg.raft, peers=cfg.peers, data_dir=cfg.data_dir / "raft",
+            password=self._raft_password, timings=cfg.timings, fsync=cfg.fsync,
+        )
+        self.log = ReplicatedLog(raft_cfg, self.table, self._on_applied, self._on_restored)
+        try:
+            await trio.to_thread.run_sync(self.log.wait_bound)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._heartbeats)
+                nursery.start_soon(self._ticks)
+                self.submit(NodeUp(self.node_id, self.inc), self._on_node_up, timeout=math.inf)
+                task_status.started()
+        finally:
+            self._closing = True
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.log.close)
+
+    def _on_node_up(self, result: Result) -> None:
+        log.info("joined", incarnation=self.inc, ok=result.ok)
+        self.ready.set()
+
+    async def _watchdog(self) -> None:
+        while True:
+            await trio.sleep(WATCHDOG_PERIOD)
+            now = time.monotonic()
+            inflight = self._inflight
+            if inflight is not None:
+                if (inflight.retry_at is not None and now >= inflight.retry_at) or (
+                    inflight.retry_at is None and now - inflight.proposed > RETRY_LOST_AFTER
+                ):
+                    self._repropose(inflight)
+            elif self._queue:
+                self._propose_next()
+            deadlines = self._deadlines
+            while deadlines and deadlines[0][0] <= now:
+                _, rid = deadlines.popleft()
+                p = self._pending.pop(rid, None)
+                if p is not None:
+                    self.stats.timeouts += 1
+                    try:
+                        p.on_done(UNAVAILABLE)
+                    except Exception:
+                        log.exception("on_done failed", rid=rid)
+            self._update_fence(now)
+
+    async def _heartbeats(self) -> None:
+        beat = 0
+        in_flight = False
+
+        def done(_r: Result) -> None:
+            nonlocal in_flight
+            in_flight = False
+
+        while True:
+            await trio.sleep(self.config.heartbeat_interval)
+            if not in_flight and self.ready.is_set():
+                beat += 1
+                in_flight = True
+                self.submit(Heartbeat(self.node_id, self.inc, beat), done,
+                            timeout=self.config.fence_after)
+
+    async def _ticks(self) -> None:
+        assert self.log is not None
+        interval = self.config.tick_interval
+        last: float | None = None
+        in_flight = False
+
+        def done(_r: Result) -> None:
+            nonlocal in_flight
+            in_flight = False
+
+        while True:
+            await trio.sleep(interval)
+            if self.log.status().role != "leader":
+                last = None
+                continue
+            now = time.monotonic()
+            if last is None:
+                last = now
+            if in_flight:
+                continue
+            elapsed = min(now - last, 2 * interval)
+            last = now
+            in_flight = True
+            self.submit(Tick(time.time(), elapsed, self.config.grace, self.config.node_timeout),
+                        done, timeout=2 * interval + 1.0)
+
+    async def leave(self, timeout: float = 1.0) -> None:
+        """Tell the cluster this node is going away, so its sessions are orphaned
+        at once and its clients can resume elsewhere without waiting."""
+        with trio.move_on_after(timeout):
+            await self.request(NodeDown(self.node_id, self.inc), timeout=timeout)
+
+    # --- introspection ------------------------------------------------------------------
+
+    def statistics(self) -> CoreStats:
+        st = self.stats
+        st.queued = len(self._queue)
+        st.pending = len(self._pending)
+        st.inflight_commands = len(self._inflight.items) if self._inflight else 0
+        st.fenced = self.fenced
+        st.last_confirmed_age = time.monotonic() - self.last_confirmed
+        st.fsyncs, st.fsync_seconds = ReplicatedLog.fsync_statistics()
+        if self.log is not None:
+            st.raft = self.log.status()
+        return st

@@ -1,0 +1,55 @@
+"""Run one node: core, client gateway, admin channel and metrics in one nursery."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from .admin import AdminServer
+from .auth import Keys, read_secret
+from .config import NodeConfig
+from .core import Core
+from .gateway import Gateway
+from .metrics import NodeMetrics
+
+log = structlog.get_logger("switchboard.node")
+
+
+async def run_node(config: NodeConfig, announce: Callable[[dict[str, Any]], None],
+                   *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
+                   ) -> None:
+    """Serve until SIGTERM/SIGINT (or cancellation), then leave the cluster cleanly.
+
+    ``announce`` receives the bound addresses once every listener is up.
+    """
+    keys = Keys.from_secret(read_secret(config.secret_file))
+    core = Core(config, keys.raft_password)
+    gateway = Gateway(config, core, keys)
+    metrics = NodeMetrics(config.id, core, gateway,
+                          ready=lambda: core.ready.is_set() and not core.fenced)
+    addresses: dict[str, Any] = {"client": None, "raft": config.raft, "admin": None,
+                                 "metrics": None}
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(core.run)
+            addresses["client"] = await nursery.start(gateway.serve)
+            if config.admin is not None:
+                admin = AdminServer(config, core, gateway, keys, addresses)
+                addresses["admin"] = await nursery.start(admin.serve)
+            if config.metrics is not None:
+                addresses["metrics"] = await nursery.start(metrics.serve, *config.metrics)
+            info = {"event": "listening", "id": config.id, **addresses, "pid": os.getpid()}
+            log.info("listening", **{k: v for k, v in info.items() if k not in ("event", "id")})
+            announce(info)
+            task_status.started(info)
+            async for sig in signals:
+                log.info("stopping", signal=signal.Signals(sig).name)
+                break
+            await gateway.shutdown()
+            await core.leave()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,1 @@
+"""The replicated session table (pure) and its Raft log (``replication.raft``)."""

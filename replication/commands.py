@@ -1,0 +1,299 @@
+"""Commands of the replicated session table, and their CBOR wire form.
+
+A command is what a node proposes to the Raft log. It carries everything the
+state machine needs to apply it deterministically, including time (``now``,
+stamped by the proposer) and the proposing node's identity. On the log a
+command is a CBOR array ``[op, field1, field2, ...]`` in the field order of
+its dataclass.
+
+This module is pure: no clock, no I/O, no threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+STATUSES = ("online", "away", "busy")
+"""Presence statuses a session may set. ``offline`` is derived, never set."""
+
+
+class CommandError(ValueError):
+    """A command on the log is malformed (wrong op, arity or field type)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Base of every command: ``op`` names it on the wire."""
+
+    op: ClassVar[str] = ""
+    types: ClassVar[tuple[Any, ...]] = ()
+
+    def to_wire(self) -> list[Any]:
+        return [self.op, *(getattr(self, f.name) for f in fields(self))]
+
+
+# --- sessions ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Login(Command):
+    """Open a new session for ``user`` owned by ``node`` (incarnation ``inc``)."""
+
+    op: ClassVar[str] = "login"
+    types: ClassVar[tuple[Any, ...]] = (str, str, str, int, bytes, str, (str, type(None)), float)
+    session: str
+    user: str
+    node: str
+    inc: int
+    resume_hash: bytes
+    status: str
+    text: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Command):
+    """Claim an existing session for ``node``: its owner and epoch change.
+
+    ``last_seq`` is the highest message sequence number the client has already
+    handed to its application; only later messages are redelivered.
+    """
+
+    op: ClassVar[str] = "resume"
+    types: ClassVar[tuple[Any, ...]] = (str, bytes, str, int, int, str, float)
+    session: str
+    resume_hash: bytes
+    node: str
+    inc: int
+    last_seq: int
+    claim: str  # unique per resume attempt: a retried proposal is recognised
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Detach(Command):
+    """The client's connection was lost: the session waits for a resume."""
+
+    op: ClassVar[str] = "detach"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str)
+    session: str
+    epoch: int
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Logout(Command):
+    """End a session now (the client said bye)."""
+
+    op: ClassVar[str] = "logout"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, float)
+    session: str
+    epoch: int
+    node: str
+    now: float
+
+
+# --- presence and visibility -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetPresence(Command):
+    op: ClassVar[str] = "presence"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, str, (str, type(None)), float)
+    session: str
+    epoch: int
+    node: str
+    status: str
+    text: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Allow(Command):
+    """The session's user lets ``other`` see their presence."""
+
+    op: ClassVar[str] = "allow"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, str)
+    session: str
+    epoch: int
+    node: str
+    other: str
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke(Command):
+    """The session's user stops letting ``other`` see their presence."""
+
+    op: ClassVar[str] = "revoke"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, str)
+    session: str
+    epoch: int
+    node: str
+    other: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe(Command):
+    """The session's user wants presence events of ``other``."""
+
+    op: ClassVar[str] = "subscribe"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, str)
+    session: str
+    epoch: int
+    node: str
+    other: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe(Command):
+    op: ClassVar[str] = "unsubscribe"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, str)
+    session: str
+    epoch: int
+    node: str
+    other: str
+
+
+# --- messages ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send(Command):
+    """Send ``body`` to user ``to``. ``cmid`` (client message id, increasing per
+    session) makes the send idempotent: a resent duplicate is dropped."""
+
+    op: ClassVar[str] = "send"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, int, str, (str, bytes), float)
+    session: str
+    epoch: int
+    node: str
+    cmid: int
+    to: str
+    body: str | bytes
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Command):
+    """The session's user has processed the messages with these sequence numbers."""
+
+    op: ClassVar[str] = "ack"
+    types: ClassVar[tuple[Any, ...]] = (str, int, str, list)
+    session: str
+    epoch: int
+    node: str
+    seqs: list[int]
+
+
+# --- cluster housekeeping --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUp(Command):
+    """Node ``node`` started as incarnation ``inc``: sessions of its earlier
+    incarnations have no connection any more and are orphaned."""
+
+    op: ClassVar[str] = "node-up"
+    types: ClassVar[tuple[Any, ...]] = (str, int)
+    node: str
+    inc: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDown(Command):
+    """Node ``node`` (incarnation ``inc``) is shutting down cleanly."""
+
+    op: ClassVar[str] = "node-down"
+    types: ClassVar[tuple[Any, ...]] = (str, int)
+    node: str
+    inc: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Command):
+    """Node ``node`` is alive and can commit; ``beat`` increases per heartbeat."""
+
+    op: ClassVar[str] = "heartbeat"
+    types: ClassVar[tuple[Any, ...]] = (str, int, int)
+    node: str
+    inc: int
+    beat: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tick(Command):
+    """The leader's clock: advances the table's clock by ``elapsed`` (measured by
+    the leader's monotonic clock since its previous tick, capped, so a jump of
+    one node's clock cannot expire every session at once), orphans the sessions
+    of silent nodes and expires sessions not resumed within the grace window.
+    ``now`` is the leader's wall clock, used only for last-seen times.
+
+    The timeouts ride in the command so that the leader alone decides them.
+    """
+
+    op: ClassVar[str] = "tick"
+    types: ClassVar[tuple[Any, ...]] = (float, float, float, float)
+    now: float
+    elapsed: float
+    grace: float
+    node_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Noop(Command):
+    """Does nothing; committing one proves this node can reach a quorum."""
+
+    op: ClassVar[str] = "noop"
+    types: ClassVar[tuple[Any, ...]] = ()
+
+
+COMMANDS: dict[str, type[Command]] = {
+    c.op: c
+    for c in (
+        Login,
+        Resume,
+        Detach,
+        Logout,
+        SetPresence,
+        Allow,
+        Revoke,
+        Subscribe,
+        Unsubscribe,
+        Send,
+        Ack,
+        NodeUp,
+        NodeDown,
+        Heartbeat,
+        Tick,
+        Noop,
+    )
+}
+
+
+def _coerce(value: Any, expected: Any) -> Any:
+    """Check one field's type; ints are accepted where floats are expected."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise CommandError(f"field has type {type(value).__name__}")
+    return value
+
+
+def from_wire(item: Any) -> Command:
+    """Decode one command from its wire form; raise ``CommandError`` if malformed."""
+    if not isinstance(item, list) or not item or not isinstance(item[0], str):
+        raise CommandError("a command is a non-empty array starting with its op")
+    cls = COMMANDS.get(item[0])
+    if cls is None:
+        raise CommandError(f"unknown op {item[0]!r}")
+    args = item[1:]
+    if len(args) != len(cls.types):
+        raise CommandError(f"{cls.op}: expected {len(cls.types)} fields, got {len(args)}")
+    try:
+        values = [_coerce(v, t) for v, t in zip(args, cls.types, strict=True)]
+    except CommandError as e:
+        raise CommandError(f"{cls.op}: {e}") from None
+    if cls is Ack and not all(isinstance(s, int) and not isinstance(s, bool) for s in values[3]):
+        raise CommandError("ack: seqs must be integers")
+    return cls(*values)

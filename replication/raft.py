@@ -1,0 +1,379 @@
+"""The Raft log behind the session table: the only module that imports pysyncobj.
+
+``ReplicatedLog`` owns one ``SyncObj`` and its tick thread. Threads:
+
+- ``propose`` may be called from any thread (in a node: the Trio thread).
+- Committed batches are applied to the ``SessionTable`` on the tick thread,
+  which then calls ``on_applied(index, AppliedBatch)``; snapshot installs call
+  ``on_restored()``; a proposal pysyncobj refuses calls its ``on_fail(reason)``
+  (on the tick thread, or in the caller's thread for a full queue). These
+  callbacks must only hand work over to another thread, never block.
+- ``status()`` returns a copy refreshed on the tick thread, safe to read anywhere.
+
+Designed around the pysyncobj 0.3.17 facts in ../shared/notes/pysyncobj.md:
+replicated methods never raise (``BatchApplier``), nothing unpicklable lives on
+the SyncObj or consumer (runtime attributes are set before the base
+constructor records its property list), journal *and* dump file are both used,
+the bind address is explicit with bounded retries, the journal can be fsynced
+per entry, and the snapshot is the table's own CBOR, encoded in the forked
+compaction child.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pysyncobj.journal as _pjournal
+import pysyncobj.syncobj as _psyncobj
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from .batch import AppliedBatch, BatchApplier
+from .table import SessionTable
+
+log = logging.getLogger(__name__)
+
+ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper()}
+DEFINITELY_NOT_APPLIED = {
+    FAIL_REASON.QUEUE_FULL,
+    FAIL_REASON.MISSING_LEADER,
+    FAIL_REASON.DISCARDED,
+    FAIL_REASON.NOT_LEADER,
+    FAIL_REASON.REQUEST_DENIED,
+}
+"""pysyncobj failures after which the entry can never commit; the others
+(leader changed, unknown outcome) may still commit later."""
+
+
+@dataclass(frozen=True)
+class RaftTimings:
+    """Raft timers. The defaults trade a little idle traffic for failover in well
+    under a second on a loopback or LAN cluster (see docs/failover.md)."""
+
+    tick: float = 0.02
+    append_entries_period: float = 0.05
+    election_min: float = 0.35
+    election_max: float = 0.7
+    connection_timeout: float = 1.5
+    connection_retry: float = 0.5
+    leader_fallback: float = 1.0
+
+
+@dataclass(frozen=True)
+class RaftConfig:
+    self_addr: str  # host:port, this node's identity in the Raft cluster
+    peers: tuple[str, ...]  # the other members' host:port
+    data_dir: Path
+    password: str  # encrypts and authenticates all inter-node traffic
+    timings: RaftTimings = field(default_factory=RaftTimings)
+    fsync: bool = True  # every log entry durable on disk before it counts
+    compaction_entries: int = 20_000
+    compaction_seconds: int = 600
+    max_bind_retries: int = 20
+    dynamic_membership: bool = True
+
+
+@dataclass(frozen=True)
+class RaftStatus:
+    role: str = "follower"
+    leader: str | None = None
+    term: int = 0
+    commit_index: int = 0
+    last_applied: int = 0
+    log_len: int = 0
+    has_quorum: bool = False
+    members: tuple[str, ...] = ()
+    connected: tuple[str, ...] = ()
+    match_index: dict[str, int] = field(default_factory=dict)
+    uptime: int = 0
+    at: float = 0.0  # time.monotonic() when read
+
+
+# --- durability: an fsyncing journal --------------------------------------------
+
+
+class _DurableFileJournal(_pjournal.FileJournal):
+    """pysyncobj's FileJournal, with every change fsynced before it is acknowledged.
+
+    pysyncobj writes its journal through mmap and never syncs it; an entry a
+    follower acknowledged could vanish with a power loss. Each group-commit batch
+    is one entry, so this is one fsync per batch per node.
+    """
+
+    fsync_count = 0
+    fsync_seconds = 0.0
+
+    def _sync(self) -> None:
+        f = self._FileJournal__journalFile._ResizableFile__f
+        t0 = time.perf_counter()
+        os.fsync(f.fileno())
+        _DurableFileJournal.fsync_seconds += time.perf_counter() - t0
+        _DurableFileJournal.fsync_count += 1
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self._sync()
+
+    def clear(self) -> None:
+        super().clear()
+        self._sync()
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        super().deleteEntriesFrom(entryFrom)
+        self._sync()
+
+
+class _DurableMetaStorer(_pjournal.MetaStorer):
+    """Term and vote must be durable before a vote is sent (Raft §5.1)."""
+
+    def storeMeta(self, meta: dict[str, Any]) -> None:
+        path = self.getPath()
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(_pjournal.dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+_fsync_enabled = threading.local()
+
+
+def _create_journal(journal_file: str | None = None) -> Any:
+    if journal_file is not None and getattr(_fsync_enabled, "on", False):
+        return _DurableFileJournal(journal_file)
+    return _pjournal.createJournal(journal_file)
+
+
+def _install_durability(on: bool) -> None:
+    _fsync_enabled.on = on
+    _psyncobj.createJournal = _create_journal  # pysyncobj resolves it at construction
+    if on:
+        _pjournal.MetaStorer = _DurableMetaStorer
+
+
+# --- the consumer carrying the table ------------------------------------------------
+
+
+class _CborSnapshot:
+    """Pickles as the table's CBOR snapshot, computed when pickled: pysyncobj
+    pickles the dump in its forked compaction child, so the parent never pauses
+    to encode the table."""
+
+    def __init__(self, table: SessionTable):
+        self.table = table
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return (bytes, (self.table.snapshot(),))
+
+
+class _TableConsumer(SyncObjConsumer):
+    def __init__(
+        self,
+        applier: BatchApplier,
+        on_applied: Callable[[int, AppliedBatch], None],
+        on_restored: Callable[[], None],
+    ):
+        # Set before the base constructor so pysyncobj never pickles them.
+        self._applier = applier
+        self._on_applied = on_applied
+        self._on_restored = on_restored
+        self._index_of: Callable[[], int] = lambda: 0
+        super().__init__()
+
+    def _serialize(self) -> dict[str, Any]:
+        return {"table": _CborSnapshot(self._applier.table)}
+
+    def _deserialize(self, data: dict[str, Any]) -> None:
+        try:
+            self._applier.table.restore(data["table"])
+        except Exception:
+            log.exception("could not restore the table from a snapshot")
+            return
+        try:
+            self._on_restored()
+        except Exception:
+            log.exception("on_restored failed")
+
+    @replicated
+    def apply_batch(self, blob: bytes) -> None:
+        # Runs on the tick thread. Must never raise (pysyncobj would retry it forever).
+        try:
+            applied = self._applier.apply(blob)
+            self._on_applied(self._index_of(), applied)
+        except Exception:
+            log.exception("applying a batch failed")
+
+
+def _die_with_parent() -> None:
+    """In a forked compaction child: die if the node dies, never outlive it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ReplicatedLog:
+    """A session table replicated through pysyncobj; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RaftConfig,
+        table: SessionTable,
+        on_applied: Callable[[int, AppliedBatch], None],
+        on_restored: Callable[[], None] = lambda: None,
+    ):
+        self.config = config
+        self.table = table
+        self.applier = BatchApplier(table)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        _install_durability(config.fsync)
+        os.register_at_fork(after_in_child=_die_with_parent)
+        t = config.timings
+        conf = SyncObjConf(
+            password=config.password,
+            autoTick=True,
+            autoTickPeriod=t.tick,
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=t.append_entries_period,
+            raftMinTimeout=t.election_min,
+            raftMaxTimeout=t.election_max,
+            connectionTimeout=t.connection_timeout,
+            connectionRetryTime=t.connection_retry,
+            leaderFallbackTimeout=t.leader_fallback,
+            journalFile=str(config.data_dir / "raft.journal"),
+            fullDumpFile=str(config.data_dir / "raft.dump"),
+            logCompactionMinEntries=config.compaction_entries,
+            logCompactionMinTime=config.compaction_seconds,
+            bindAddress=config.self_addr,
+            maxBindRetries=config.max_bind_retries,
+            bindRetryTime=0.25,
+            dynamicMembershipChange=config.dynamic_membership,
+            commandsWaitLeader=True,
+            tcp_keepalive=(5, 1, 3),
+        )
+        self._consumer = _TableConsumer(self.applier, on_applied, on_restored)
+        self._status = RaftStatus()
+        self._status_lock = threading.Lock()
+        self._last_status = 0.0
+        self._sync = SyncObj(config.self_addr, list(config.peers), conf=conf,
+                             consumers=[self._consumer])
+        sync = self._sync
+        self._consumer._index_of = lambda: sync.raftLastApplied + 1
+        sync.addOnTickCallback(self._on_tick)
+
+    # --- commands ---------------------------------------------------------------
+
+    def propose(self, blob: bytes, on_fail: Callable[[str, bool], None]) -> None:
+        """Append ``blob`` (an encoded batch) to the log; thread-safe, never blocks.
+
+        Success is seen through ``on_applied``. A refusal calls
+        ``on_fail(reason, maybe_applied)``; ``maybe_applied`` is true when the
+        entry may still commit later.
+        """
+
+        def callback(_res: Any, err: int) -> None:
+            if err != FAIL_REASON.SUCCESS:
+                on_fail(FAIL_NAMES.get(err, str(err)), err not in DEFINITELY_NOT_APPLIED)
+
+        self._consumer.apply_batch(blob, callback=callback)
+
+    def wait_bound(self) -> None:
+        """Block until the Raft port is bound; raise ``OSError`` if it cannot be."""
+        try:
+            self._sync.waitBinded()
+        except Exception as e:
+            raise OSError(f"cannot bind the Raft port {self.config.self_addr}") from e
+
+    # --- membership (one change at a time; the caller serializes) ----------------
+
+    def add_member(self, addr: str, on_done: Callable[[str | None], None]) -> None:
+        self._sync.addNodeToCluster(addr, callback=self._done(on_done))
+
+    def remove_member(self, addr: str, on_done: Callable[[str | None], None]) -> None:
+        self._sync.removeNodeFromCluster(addr, callback=self._done(on_done))
+
+    def transfer_leadership(self, addr: str | None,
+                            on_done: Callable[[str | None], None]) -> None:
+        self._sync.transferLeadership(addr, callback=self._done(on_done))
+
+    @staticmethod
+    def _done(on_done: Callable[[str | None], None]) -> Callable[[Any, int], None]:
+        def callback(_res: Any, err: int) -> None:
+            on_done(None if err == FAIL_REASON.SUCCESS else FAIL_NAMES.get(err, str(err)))
+
+        return callback
+
+    # --- status -------------------------------------------------------------------
+
+    def status(self) -> RaftStatus:
+        with self._status_lock:
+            return self._status
+
+    def _on_tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_status < 0.02:
+            return
+        self._last_status = now
+        try:
+            st = self._sync.getStatus()
+        except Exception:  # pysyncobj's own state; never let it kill the tick
+            return
+        leader = st.get("leader")
+        members = [o.address for o in self._sync.otherNodes]
+        connected = tuple(
+            a for a in members
+            if st.get("partner_node_status_server_" + a) == 2
+        )
+        match = {a: st.get("match_idx_server_" + a, 0) for a in members}
+        status = RaftStatus(
+            role=ROLES.get(st["state"], "unknown"),
+            leader=leader.address if leader is not None else None,
+            term=st["raft_term"],
+            commit_index=st["commit_idx"],
+            last_applied=st["last_applied"],
+            log_len=st["log_len"],
+            has_quorum=bool(st["has_quorum"]),
+            members=tuple(sorted([self.config.self_addr, *members])),
+            connected=connected,
+            match_index=match,
+            uptime=st["uptime"],
+            at=now,
+        )
+        with self._status_lock:
+            self._status = status
+
+    @staticmethod
+    def fsync_statistics() -> tuple[int, float]:
+        """(fsyncs done, seconds spent in them) by this process's journals."""
+        return _DurableFileJournal.fsync_count, _DurableFileJournal.fsync_seconds
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the tick thread, close sockets and files, reap compaction children."""
+        self._sync.destroy()
+        deadline = time.monotonic() + timeout
+        thread = self._sync._SyncObj__thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)

@@ -1,0 +1,738 @@
+"""The replicated session and presence table: a pure, deterministic state machine.
+
+Every node applies the same commands in the same (log) order and reaches the
+same state. ``apply`` returns the command's result and the *effects* it has on
+this node's own client connections (messages to deliver, presence events to
+push, sessions to close); the Trio shell carries the effects out. Effects never
+change the state, so a table built with another ``local`` identity, or with
+none, reaches the same state.
+
+Threading: the table is not thread-safe. In a node it is touched only by the
+replication thread (apply, snapshot, restore); readers on other threads see
+only ``statistics()``.
+
+Time: the table has no clock of its own. Commands carry the proposer's time;
+the table's ``clock`` advances only with the leader's ``Tick`` commands, so
+expiry is decided once, through the log, by the leader's clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from .commands import (
+    STATUSES,
+    Ack,
+    Allow,
+    Command,
+    Detach,
+    Heartbeat,
+    Login,
+    Logout,
+    NodeDown,
+    NodeUp,
+    Noop,
+    Resume,
+    Revoke,
+    Send,
+    SetPresence,
+    Subscribe,
+    Tick,
+    Unsubscribe,
+)
+
+SNAPSHOT_VERSION = 1
+RANK = {"online": 3, "busy": 2, "away": 1}
+"""Which session's status a user shows when several sessions differ."""
+
+MAX_TICK_STEP = 5.0
+"""The table's clock advances at most this much per tick, whatever a leader says."""
+
+RECENT_SENDS = 512
+"""How many of a session's latest client message ids are remembered for
+deduplication (the client library keeps fewer sends than this in flight)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Structural limits the table enforces (the same on every node)."""
+
+    max_name: int = 64
+    max_text: int = 256
+    max_body: int = 64 * 1024
+    max_acks: int = 1024
+
+
+# --- state ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    user: str
+    node: str
+    inc: int
+    epoch: int
+    resume_hash: bytes
+    status: str
+    text: str | None
+    created: float
+    updated: float
+    attached: bool = True
+    orphaned_at: float | None = None
+    orphan_reason: str | None = None  # "conn" (connection lost) or "node" (node silent)
+    max_cmid: int = 0
+    recent: dict[int, int] = field(default_factory=dict)  # cmid -> message id
+    claim: str = ""  # the last resume attempt that claimed this session
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    seq: int
+    sender: str
+    to: str
+    body: str | bytes
+    ts: float
+
+
+@dataclass(slots=True)
+class User:
+    name: str
+    sessions: dict[str, None] = field(default_factory=dict)  # ordered set
+    allowed: set[str] = field(default_factory=set)  # who may see my presence
+    subs: set[str] = field(default_factory=set)  # whose presence I want
+    subscribers: set[str] = field(default_factory=set)  # who wants mine (derived)
+    mailbox: dict[int, Message] = field(default_factory=dict)  # seq -> message
+    next_seq: int = 1
+    last_seen: float | None = None
+    shown: tuple[str, str | None] = ("offline", None)  # last presence announced
+
+    def is_empty(self) -> bool:
+        return not (
+            self.sessions or self.allowed or self.subs or self.subscribers or self.mailbox
+        ) and self.last_seen is None and self.next_seq == 1
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    inc: int
+    seen: float
+    beat: int = 0
+    down: bool = False
+    retired: list[int] = field(default_factory=list)  # earlier incarnations, newest last
+
+
+RETIRED_INCARNATIONS = 16
+
+
+# --- results and effects ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A command's outcome: ``ok`` with a value, or an error ``code`` + ``reason``."""
+
+    ok: bool
+    value: dict[str, Any] | None = None
+    code: str | None = None
+    reason: str | None = None
+
+
+OK = Result(True, {})
+
+
+def error(code: str, reason: str) -> Result:
+    return Result(False, None, code, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Push ``message`` to these local sessions."""
+
+    sessions: list[str]
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceNotice:
+    """Tell these local sessions that ``user``'s presence is now this."""
+
+    sessions: list[str]
+    user: str
+    status: str
+    text: str | None
+    last_seen: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """Close the local connection of session ``session`` at ``epoch``: it moved
+    to another connection, expired, or ended."""
+
+    session: str
+    epoch: int
+    reason: str
+
+
+Effect = Deliver | PresenceNotice | SessionClosed
+
+
+@dataclass(slots=True)
+class TableStats:
+    sessions: int = 0
+    attached: int = 0
+    orphaned: int = 0
+    users: int = 0
+    mailbox_messages: int = 0
+    messages_sent: int = 0
+    messages_acked: int = 0
+    expired: int = 0
+    resumed: int = 0
+    logins: int = 0
+    presence_updates: int = 0
+    clock: float = 0.0
+
+
+class SessionTable:
+    """Sessions, presence, visibility and mailboxes; see the module docstring."""
+
+    def __init__(self, local: tuple[str, int] | None = None, limits: Limits | None = None):
+        self.local = local
+        self.limits = limits or Limits()
+        self.clock = 0.0  # decides timeouts: advanced only by the leader's ticks
+        self.wall = 0.0  # the latest leader wall-clock time, for last-seen only
+        self.next_msg_id = 1
+        self.sessions: dict[str, Session] = {}
+        self.users: dict[str, User] = {}
+        self.nodes: dict[str, NodeInfo] = {}
+        self.by_node: dict[str, set[str]] = {}
+        self.orphans: dict[str, None] = {}  # ordered by orphaned_at
+        self.stats = TableStats()
+        self._dispatch: dict[type[Command], Callable[[Any], tuple[Result, list[Effect]]]] = {
+            Login: self._login,
+            Resume: self._resume,
+            Detach: self._detach,
+            Logout: self._logout,
+            SetPresence: self._set_presence,
+            Allow: self._allow,
+            Revoke: self._revoke,
+            Subscribe: self._subscribe,
+            Unsubscribe: self._unsubscribe,
+            Send: self._send,
+            Ack: self._ack,
+            NodeUp: self._node_up,
+            NodeDown: self._node_down,
+            Heartbeat: self._heartbeat,
+            Tick: self._tick,
+            Noop: self._noop,
+        }
+
+    # --- the FSM interface ---------------------------------------------------
+
+    def apply(self, cmd: Command) -> tuple[Result, list[Effect]]:
+        """Apply one command; return its result and its effects on local sessions."""
+        handler = self._dispatch.get(type(cmd))
+        if handler is None:
+            return error("invalid", f"unknown command {cmd.op!r}"), []
+        return handler(cmd)
+
+    def snapshot(self) -> bytes:
+        """The whole state as canonical CBOR (equal states give equal bytes)."""
+        sessions = [
+            [
+                s.id, s.user, s.node, s.inc, s.epoch, s.resume_hash, s.status, s.text,
+                s.created, s.updated, s.attached, s.orphaned_at, s.orphan_reason,
+                s.max_cmid, [[c, m] for c, m in s.recent.items()], s.claim,
+            ]
+            for s in sorted(self.sessions.values(), key=lambda s: s.id)
+        ]
+        users = [
+            [
+                u.name, u.last_seen, sorted(u.allowed), sorted(u.subs), u.next_seq,
+                [[m.seq, m.id, m.sender, m.body, m.ts] for m in u.mailbox.values()],
+                [u.shown[0], u.shown[1]],
+            ]
+            for u in sorted(self.users.values(), key=lambda u: u.name)
+        ]
+        nodes = [[n, i.inc, i.seen, i.beat, i.down, i.retired]
+                 for n, i in sorted(self.nodes.items())]
+        orphans = sorted(
+            self.orphans, key=lambda sid: (self.sessions[sid].orphaned_at or 0.0, sid)
+        )
+        state = {
+            "v": SNAPSHOT_VERSION,
+            "clock": self.clock,
+            "wall": self.wall,
+            "next_msg_id": self.next_msg_id,
+            "sessions": sessions,
+            "users": users,
+            "nodes": nodes,
+            "orphans": orphans,
+            "counters": [self.stats.messages_sent, self.stats.messages_acked,
+                         self.stats.expired, self.stats.resumed, self.stats.logins,
+                         self.stats.presence_updates],
+        }
+        return cbor2.dumps(state, canonical=True)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a snapshot taken by ``snapshot``."""
+        state = cbor2.loads(data)
+        if state.get("v") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {state.get('v')!r}")
+        self.clock = state["clock"]
+        self.wall = state["wall"]
+        self.next_msg_id = state["next_msg_id"]
+        self.sessions = {}
+        self.users = {}
+        self.by_node = {}
+        for row in state["users"]:
+            name, last_seen, allowed, subs, next_seq, mailbox, shown = row
+            u = User(name, allowed=set(allowed), subs=set(subs), next_seq=next_seq,
+                     last_seen=last_seen, shown=(shown[0], shown[1]))
+            for seq, mid, sender, body, ts in mailbox:
+                u.mailbox[seq] = Message(mid, seq, sender, name, body, ts)
+            self.users[name] = u
+        for u in self.users.values():
+            for other in u.subs:
+                self._user(other).subscribers.add(u.name)
+        for row in state["sessions"]:
+            (sid, user, node, inc, epoch, rh, status, text, created, updated, attached,
+             orphaned_at, reason, max_cmid, recent, claim) = row
+            s = Session(sid, user, node, inc, epoch, rh, status, text, created, updated,
+                        attached, orphaned_at, reason, max_cmid, {c: m for c, m in recent},
+                        claim)
+            self.sessions[sid] = s
+            self._user(user).sessions[sid] = None
+            self.by_node.setdefault(node, set()).add(sid)
+        self.nodes = {n: NodeInfo(inc, seen, beat, down, list(retired))
+                      for n, inc, seen, beat, down, retired in state["nodes"]}
+        self.orphans = dict.fromkeys(state["orphans"])
+        st = TableStats()
+        (st.messages_sent, st.messages_acked, st.expired, st.resumed, st.logins,
+         st.presence_updates) = state["counters"]
+        self.stats = st
+        self._recount()
+
+    def digest(self) -> str:
+        """A short fingerprint of the state, equal on every node at the same log index."""
+        return hashlib.sha256(self.snapshot()).hexdigest()[:16]
+
+    def statistics(self) -> TableStats:
+        self.stats.sessions = len(self.sessions)
+        self.stats.orphaned = len(self.orphans)
+        self.stats.attached = self.stats.sessions - self.stats.orphaned
+        self.stats.users = len(self.users)
+        self.stats.clock = self.clock
+        return self.stats
+
+    # --- reads (for the shell's diagnostics and tests) -------------------------
+
+    def presence_of(self, user: str) -> tuple[str, str | None, float | None]:
+        u = self.users.get(user)
+        if u is None:
+            return ("offline", None, None)
+        status, text = self._aggregate(u)
+        return (status, text, u.last_seen)
+
+    def local_sessions(self) -> list[tuple[str, int]]:
+        """(session id, epoch) of the sessions attached to this table's ``local`` node."""
+        if self.local is None:
+            return []
+        node, inc = self.local
+        out = []
+        for sid in self.by_node.get(node, ()):
+            s = self.sessions[sid]
+            if s.inc == inc and s.attached:
+                out.append((sid, s.epoch))
+        return out
+
+    # --- helpers ----------------------------------------------------------------
+
+    def _recount(self) -> None:
+        self.stats.mailbox_messages = sum(len(u.mailbox) for u in self.users.values())
+
+    def _user(self, name: str) -> User:
+        u = self.users.get(name)
+        if u is None:
+            u = self.users[name] = User(name)
+        return u
+
+    def _gc_user(self, u: User) -> None:
+        if u.is_empty():
+            del self.users[u.name]
+
+    def _is_local(self, s: Session) -> bool:
+        """The session is attached to a connection of this node."""
+        return s.attached and self._owned_here(s)
+
+    def _owned_here(self, s: Session) -> bool:
+        """This node (this incarnation) owns the session, attached or not."""
+        return self.local is not None and s.node == self.local[0] and s.inc == self.local[1]
+
+    def _local_of(self, u: User) -> list[str]:
+        if self.local is None:
+            return []
+        return [sid for sid in u.sessions if self._owned_here(self.sessions[sid])]
+
+    def _aggregate(self, u: User) -> tuple[str, str | None]:
+        best: Session | None = None
+        for sid in u.sessions:
+            s = self.sessions[sid]
+            if best is None or (RANK[s.status], s.updated) > (RANK[best.status], best.updated):
+                best = s
+        if best is None:
+            return ("offline", None)
+        return (best.status, best.text)
+
+    def _watchers(self, u: User) -> Iterable[str]:
+        a, b = u.subscribers, u.allowed
+        if len(a) > len(b):
+            a, b = b, a
+        return [w for w in a if w in b]
+
+    def _announce(self, u: User, effects: list[Effect]) -> None:
+        """If ``u``'s aggregate presence changed, tell the local sessions of its watchers."""
+        shown = self._aggregate(u)
+        if shown == u.shown:
+            return
+        u.shown = shown
+        self.stats.presence_updates += 1
+        if self.local is None:
+            return
+        targets: list[str] = []
+        for w in self._watchers(u):
+            wu = self.users.get(w)
+            if wu is not None:
+                targets.extend(self._local_of(wu))
+        if targets:
+            effects.append(PresenceNotice(targets, u.name, shown[0], shown[1], u.last_seen))
+
+    def _notice_to(self, viewer: User, sessions: list[str], subject: str,
+                   effects: list[Effect]) -> None:
+        """Tell ``sessions`` of ``viewer`` what they may see of ``subject`` now."""
+        if not sessions:
+            return
+        su = self.users.get(subject)
+        if su is not None and viewer.name in su.allowed:
+            status, text = self._aggregate(su)
+            effects.append(PresenceNotice(sessions, subject, status, text, su.last_seen))
+        else:
+            effects.append(PresenceNotice(sessions, subject, "unknown", None, None))
+
+    def _session_view(self, s: Session, last_seq: int, effects: list[Effect]) -> None:
+        """A freshly (re)attached local session gets its mailbox and its contacts' presence."""
+        if not self._is_local(s):
+            return
+        u = self.users[s.user]
+        for seq, m in u.mailbox.items():
+            if seq > last_seq:
+                effects.append(Deliver([s.id], m))
+        for other in sorted(u.subs):
+            ou = self.users.get(other)
+            if ou is not None and u.name in ou.allowed:
+                status, text = self._aggregate(ou)
+                effects.append(PresenceNotice([s.id], other, status, text, ou.last_seen))
+
+    def _owned(self, sid: str, epoch: int, node: str) -> Session | Result:
+        """The session if ``node`` holds it at ``epoch``, else the error to return."""
+        s = self.sessions.get(sid)
+        if s is None:
+            return error("no-session", "the session does not exist (expired or ended)")
+        if s.epoch != epoch or s.node != node:
+            return error("moved", "the session was resumed on another connection")
+        return s
+
+    def _valid_name(self, name: str) -> bool:
+        return 0 < len(name) <= self.limits.max_name and name.isprintable()
+
+    def _orphan(self, s: Session, reason: str) -> None:
+        s.attached = False
+        s.orphaned_at = self.clock
+        s.orphan_reason = reason
+        self.orphans.pop(s.id, None)
+        self.orphans[s.id] = None
+
+    def _attach(self, s: Session) -> None:
+        s.attached = True
+        s.orphaned_at = None
+        s.orphan_reason = None
+        self.orphans.pop(s.id, None)
+
+    def _remove_session(self, s: Session, now: float, reason: str,
+                        effects: list[Effect]) -> None:
+        del self.sessions[s.id]
+        self.orphans.pop(s.id, None)
+        nodeset = self.by_node.get(s.node)
+        if nodeset is not None:
+            nodeset.discard(s.id)
+            if not nodeset:
+                del self.by_node[s.node]
+        if self._owned_here(s):
+            effects.append(SessionClosed(s.id, s.epoch, reason))
+        u = self.users[s.user]
+        del u.sessions[s.id]
+        if not u.sessions:
+            u.last_seen = now
+        self._announce(u, effects)
+
+    # --- sessions -----------------------------------------------------------------
+
+    def _login(self, c: Login) -> tuple[Result, list[Effect]]:
+        existing = self.sessions.get(c.session)
+        if existing is not None:
+            # A retried proposal of a login already applied: same answer, no effects.
+            if existing.user == c.user and existing.resume_hash == c.resume_hash:
+                return Result(True, {"epoch": existing.epoch, "user": existing.user}), []
+            return error("conflict", "session id already in use"), []
+        if not self._valid_name(c.user):
+            return error("invalid", "bad user name"), []
+        if c.status not in STATUSES:
+            return error("invalid", f"status must be one of {', '.join(STATUSES)}"), []
+        if c.text is not None and len(c.text) > self.limits.max_text:
+            return error("invalid", "status text too long"), []
+        s = Session(c.session, c.user, c.node, c.inc, 1, c.resume_hash, c.status, c.text,
+                    c.now, c.now)
+        self.sessions[s.id] = s
+        self.by_node.setdefault(s.node, set()).add(s.id)
+        u = self._user(c.user)
+        u.sessions[s.id] = None
+        self.stats.logins += 1
+        effects: list[Effect] = []
+        self._announce(u, effects)
+        self._session_view(s, 0, effects)
+        return Result(True, {"epoch": s.epoch, "user": s.user}), effects
+
+    def _resume(self, c: Resume) -> tuple[Result, list[Effect]]:
+        s = self.sessions.get(c.session)
+        if s is None:
+            return error("no-session", "the session does not exist (expired or ended)"), []
+        if not hmac.compare_digest(s.resume_hash, c.resume_hash):
+            return error("bad-token", "wrong resume token"), []
+        if c.claim and s.claim == c.claim:
+            # A retried proposal of a resume already applied: same answer, no effects.
+            return Result(True, {"epoch": s.epoch, "user": s.user}), []
+        s.claim = c.claim
+        effects: list[Effect] = []
+        if self._owned_here(s):
+            effects.append(SessionClosed(s.id, s.epoch, "moved"))
+        old_node = self.by_node.get(s.node)
+        if old_node is not None:
+            old_node.discard(s.id)
+            if not old_node:
+                del self.by_node[s.node]
+        s.node, s.inc = c.node, c.inc
+        s.epoch += 1
+        self.by_node.setdefault(s.node, set()).add(s.id)
+        self._attach(s)
+        self.stats.resumed += 1
+        self._session_view(s, c.last_seq, effects)
+        return Result(True, {"epoch": s.epoch, "user": s.user}), effects
+
+    def _detach(self, c: Detach) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        if s.attached:
+            self._orphan(s, "conn")
+        return OK, []
+
+    def _logout(self, c: Logout) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        effects: list[Effect] = []
+        self._remove_session(s, c.now, "logout", effects)
+        return OK, effects
+
+    # --- presence ------------------------------------------------------------------
+
+    def _set_presence(self, c: SetPresence) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        if c.status not in STATUSES:
+            return error("invalid", f"status must be one of {', '.join(STATUSES)}"), []
+        if c.text is not None and len(c.text) > self.limits.max_text:
+            return error("invalid", "status text too long"), []
+        s.status, s.text, s.updated = c.status, c.text, c.now
+        effects: list[Effect] = []
+        self._announce(self.users[s.user], effects)
+        return OK, effects
+
+    def _allow(self, c: Allow) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        if not self._valid_name(c.other):
+            return error("invalid", "bad user name"), []
+        me = self.users[s.user]
+        effects: list[Effect] = []
+        if c.other not in me.allowed:
+            me.allowed.add(c.other)
+            if c.other in me.subscribers:
+                viewer = self.users[c.other]
+                self._notice_to(viewer, self._local_of(viewer), me.name, effects)
+        return OK, effects
+
+    def _revoke(self, c: Revoke) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        me = self.users[s.user]
+        effects: list[Effect] = []
+        if c.other in me.allowed:
+            me.allowed.discard(c.other)
+            if c.other in me.subscribers:
+                viewer = self.users[c.other]
+                self._notice_to(viewer, self._local_of(viewer), me.name, effects)
+        return OK, effects
+
+    def _subscribe(self, c: Subscribe) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        if not self._valid_name(c.other):
+            return error("invalid", "bad user name"), []
+        me = self.users[s.user]
+        other = self._user(c.other)
+        me.subs.add(c.other)
+        other.subscribers.add(me.name)
+        visible = me.name in other.allowed
+        effects: list[Effect] = []
+        self._notice_to(me, self._local_of(me), c.other, effects)
+        return Result(True, {"visible": visible}), effects
+
+    def _unsubscribe(self, c: Unsubscribe) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        me = self.users[s.user]
+        me.subs.discard(c.other)
+        other = self.users.get(c.other)
+        if other is not None:
+            other.subscribers.discard(me.name)
+            self._gc_user(other)
+        return OK, []
+
+    # --- messages --------------------------------------------------------------------
+
+    def _send(self, c: Send) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        if c.cmid <= s.max_cmid:
+            mid = s.recent.get(c.cmid)
+            return Result(True, {"id": mid, "duplicate": True}), []
+        if not self._valid_name(c.to):
+            return error("invalid", "bad recipient name"), []
+        if len(c.body) > self.limits.max_body:
+            return error("too-large", f"message body over {self.limits.max_body} bytes"), []
+        to = self._user(c.to)
+        m = Message(self.next_msg_id, to.next_seq, s.user, c.to, c.body, c.now)
+        self.next_msg_id += 1
+        to.next_seq += 1
+        to.mailbox[m.seq] = m
+        s.max_cmid = c.cmid
+        s.recent[c.cmid] = m.id
+        if len(s.recent) > RECENT_SENDS:
+            del s.recent[next(iter(s.recent))]
+        self.stats.messages_sent += 1
+        self.stats.mailbox_messages += 1
+        effects: list[Effect] = []
+        if self.local is not None:
+            targets = self._local_of(to)
+            if targets:
+                effects.append(Deliver(targets, m))
+        return Result(True, {"id": m.id, "seq": m.seq}), effects
+
+    def _ack(self, c: Ack) -> tuple[Result, list[Effect]]:
+        s = self._owned(c.session, c.epoch, c.node)
+        if isinstance(s, Result):
+            return s, []
+        if len(c.seqs) > self.limits.max_acks:
+            return error("invalid", f"at most {self.limits.max_acks} acks at once"), []
+        u = self.users[s.user]
+        removed = 0
+        for seq in c.seqs:
+            if u.mailbox.pop(seq, None) is not None:
+                removed += 1
+        self.stats.mailbox_messages -= removed
+        self.stats.messages_acked += removed
+        return Result(True, {"acked": removed}), []
+
+    # --- cluster housekeeping ---------------------------------------------------------
+
+    def _node_up(self, c: NodeUp) -> tuple[Result, list[Effect]]:
+        info = self.nodes.get(c.node)
+        if info is not None and (info.inc == c.inc or c.inc in info.retired):
+            return OK, []
+        retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:] if info else []
+        self.nodes[c.node] = NodeInfo(c.inc, self.clock, retired=retired)
+        for sid in sorted(self.by_node.get(c.node, ())):
+            s = self.sessions[sid]
+            if s.inc != c.inc and s.attached:
+                self._orphan(s, "conn")
+        return OK, []
+
+    def _node_down(self, c: NodeDown) -> tuple[Result, list[Effect]]:
+        info = self.nodes.get(c.node)
+        if info is None or info.inc != c.inc:
+            return OK, []
+        info.down = True
+        for sid in sorted(self.by_node.get(c.node, ())):
+            s = self.sessions[sid]
+            if s.inc == c.inc and s.attached:
+                self._orphan(s, "conn")
+        return OK, []
+
+    def _heartbeat(self, c: Heartbeat) -> tuple[Result, list[Effect]]:
+        info = self.nodes.get(c.node)
+        if info is None or info.inc != c.inc:
+            if info is not None and c.inc in info.retired:
+                return error("retired", "a heartbeat from an earlier incarnation"), []
+            self._node_up(NodeUp(c.node, c.inc))
+            info = self.nodes[c.node]
+        info.seen = self.clock
+        info.beat = max(info.beat, c.beat)
+        if info.down:
+            info.down = False
+            for sid in sorted(self.by_node.get(c.node, ())):
+                s = self.sessions[sid]
+                if s.inc == c.inc and not s.attached and s.orphan_reason == "node":
+                    self._attach(s)
+        return OK, []
+
+    def _tick(self, c: Tick) -> tuple[Result, list[Effect]]:
+        self.clock += min(max(c.elapsed, 0.0), MAX_TICK_STEP)
+        if c.now > self.wall:
+            self.wall = c.now
+        effects: list[Effect] = []
+        for name in sorted(self.nodes):
+            info = self.nodes[name]
+            if not info.down and self.clock - info.seen > c.node_timeout:
+                info.down = True
+                for sid in sorted(self.by_node.get(name, ())):
+                    s = self.sessions[sid]
+                    if s.inc == info.inc and s.attached:
+                        self._orphan(s, "node")
+        expired = 0
+        while self.orphans:
+            sid = next(iter(self.orphans))
+            s = self.sessions[sid]
+            assert s.orphaned_at is not None
+            if self.clock - s.orphaned_at < c.grace:
+                break
+            self._remove_session(s, self.wall, "expired", effects)
+            expired += 1
+        self.stats.expired += expired
+        return Result(True, {"expired": expired}), effects
+
+    def _noop(self, c: Noop) -> tuple[Result, list[Effect]]:
+        return OK, []
