@@ -123,6 +123,11 @@ class _Conn:
         self.decoder = FrameDecoder(SERVER_FRAMES, DEFAULT_MAX_FRAME)
         self.frames: deque[dict[str, Any]] = deque()
         self.last_rx = anyio.current_time()
+        self.last_tx = self.last_rx
+
+    async def send(self, data: bytes) -> None:
+        self.last_tx = anyio.current_time()
+        await self.stream.send(data)
 
     async def next_frame(self) -> dict[str, Any] | None:
         while not self.frames:
@@ -278,14 +283,14 @@ class Session:
                 return  # written (again) when the next connection is set up
             req.sent_on = conn.number
             try:
-                await conn.stream.send(encode(req.frame))
+                await conn.send(encode(req.frame))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass  # the reader notices; the request is re-sent after reconnecting
 
     async def _write(self, conn: _Conn, frame: dict[str, Any]) -> None:
         async with self._write_lock:
             try:
-                await conn.stream.send(encode(frame))
+                await conn.send(encode(frame))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass
 
@@ -366,7 +371,7 @@ class Session:
             if self._text is not None:
                 frame["text"] = self._text
         await self._write(conn, frame)
-        with anyio.fail_after(self._connect_timeout + 10):
+        with anyio.fail_after(self._connect_timeout + 2):
             reply = await conn.next_frame()
         if reply is None:
             raise SwitchboardError("unavailable", f"{conn.node} closed the connection")
@@ -433,9 +438,8 @@ class Session:
             cap = min(self._max_backoff, 0.05 * (2 ** min(attempt, 8)))
             await anyio.sleep(cap / 2 + random.random() * cap / 2)
 
-    async def _start(self, tg: anyio.abc.TaskGroup) -> None:
+    def _start(self, tg: anyio.abc.TaskGroup, conn: _Conn) -> None:
         self._tg = tg
-        conn = await self._establish(None)
         self._conn = conn
         self._connected.set()
         tg.start_soon(self._run, conn)
@@ -483,7 +487,7 @@ class Session:
                     continue
                 req.sent_on = conn.number
                 try:
-                    await conn.stream.send(encode(req.frame))
+                    await conn.send(encode(req.frame))
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     break
 
@@ -525,10 +529,12 @@ class Session:
         dead_after = self._heartbeat * 1.5 + 1.0
         while True:
             await anyio.sleep(interval)
-            if anyio.current_time() - conn.last_rx > dead_after:
+            idle = anyio.current_time() - conn.last_rx
+            if idle > dead_after:
                 scope.cancel()  # the node stopped answering: reconnect elsewhere
                 return
-            await self._write(conn, {"type": "ping"})
+            if idle >= interval or anyio.current_time() - conn.last_tx >= interval:
+                await self._write(conn, {"type": "ping"})
 
     async def _close(self) -> None:
         """Log out (best effort) and stop."""
@@ -571,13 +577,20 @@ async def connect(
                       connect_timeout=connect_timeout, max_backoff=max_backoff,
                       request_timeout=request_timeout, connection_events=connection_events,
                       give_up_after=give_up_after)
-    async with anyio.create_task_group() as tg:
-        await session._start(tg)
-        try:
-            yield session
-        finally:
-            await session._close()
-            tg.cancel_scope.cancel()
+    first = await session._establish(None)  # errors here reach the caller as they are
+    try:
+        async with anyio.create_task_group() as tg:
+            session._start(tg, first)
+            try:
+                yield session
+            finally:
+                await session._close()
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Raise the application's own exception, not a group from our task group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 __all__ = [

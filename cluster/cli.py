@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--client-heartbeat", type=_positive, default=10.0,
                     help="clients ping at least this often, seconds (default 10)")
     nd.add_argument("--no-fsync", action="store_true", help="do not fsync the Raft journal")
+    nd.add_argument("--compaction-entries", type=int, default=20_000,
+                    help="snapshot the table after this many log entries (default 20000)")
     nd.add_argument("--log-format", choices=["kv", "json"], default="kv")
     nd.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                     default="info")
@@ -161,7 +163,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         secret_file=secret_file, admin=admin, metrics=metrics, grace=args.grace,
         node_timeout=args.node_timeout, fence_after=args.fence_after,
         client_heartbeat=args.client_heartbeat, fsync=not args.no_fsync,
-        log_format=args.log_format,
+        compaction_entries=max(50, args.compaction_entries), log_format=args.log_format,
     )
     logs.configure(args.id, args.log_format, getattr(logging, args.log_level.upper()))
 
@@ -171,12 +173,27 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run_node, config, announce)
-    except OSError as e:
-        return _fail(f"node {args.id}: {e.strerror or e}"
-                     + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
-    except KeyboardInterrupt:
-        pass
+    except BaseException as exc:
+        os_error = _find(exc, OSError)
+        if os_error is not None:
+            what = f" ({os_error.filename})" if os_error.filename else ""
+            return _fail(f"node {args.id}: {os_error.strerror or os_error}{what}")
+        if _find(exc, KeyboardInterrupt) is not None:
+            return 0
+        raise
     return 0
+
+
+def _find(exc: BaseException, kind: type[BaseException]) -> Any:
+    """The first exception of ``kind`` in ``exc`` or the groups nested in it."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 def _check_bindable(addr: str, flag: str) -> None:

@@ -10,6 +10,7 @@ cluster secret. The answer is ``{"type": "admin-ok", "result": {...}}`` or an
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import jwt
 import structlog
 import trio
+
+from replication.commands import Checkpoint
 
 from .auth import Keys
 from .config import NodeConfig, format_addr
@@ -70,7 +73,11 @@ class AdminServer:
         self.keys = keys
         self.addresses = addresses
         self.started = time.monotonic()
-        self.handlers: dict[str, Handler] = {"status": self._status}
+        self.handlers: dict[str, Handler] = {
+            "status": self._status,
+            "checkpoint": self._checkpoint,
+            "digest": self._digest,
+        }
         self.address: str | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
@@ -119,6 +126,28 @@ class AdminServer:
 
     async def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
         return node_status(self.config, self.core, self.gateway, self.addresses, self.started)
+
+    async def _checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Commit a checkpoint; every replica records its digest at that log position."""
+        tag = args.get("tag") or secrets.token_hex(8)
+        if not isinstance(tag, str):
+            raise AdminError("bad-args", "tag must be a string")
+        result = await self.core.request(Checkpoint(tag), timeout=10)
+        if not result.ok:
+            raise AdminError(result.code or "internal", result.reason or "")
+        index, digest = await self.core.wait_checkpoint(tag)
+        return {"tag": tag, "index": index, "digest": digest}
+
+    async def _digest(self, args: dict[str, Any]) -> dict[str, Any]:
+        """This replica's digest at checkpoint ``tag`` (waits up to ``timeout`` s for it)."""
+        tag = args.get("tag")
+        timeout = args.get("timeout", 10)
+        if not isinstance(tag, str) or not isinstance(timeout, int | float):
+            raise AdminError("bad-args", "digest needs a string tag and a numeric timeout")
+        with trio.move_on_after(min(float(timeout), 60.0)):
+            index, digest = await self.core.wait_checkpoint(tag)
+            return {"tag": tag, "index": index, "digest": digest}
+        raise AdminError("not-applied", f"checkpoint {tag} not applied here yet")
 
 
 def node_status(config: NodeConfig, core: Core, gateway: Gateway,

@@ -60,5 +60,6 @@ class NodeConfig:
     batch_max_bytes: int = 512 * 1024
     # Replication
     fsync: bool = True
+    compaction_entries: int = 20_000  # snapshot the table after this many log entries
     timings: RaftTimings = field(default_factory=RaftTimings)
     log_format: str = "kv"  # kv or json

@@ -111,6 +111,8 @@ class Core:
         self._fence_changed = trio.Event()
         self.stats = CoreStats()
         self.ready = trio.Event()  # set when this node's NodeUp has committed
+        self.checkpoints: dict[str, tuple[int, str]] = {}  # tag -> (log index, digest)
+        self._checkpoint_seen = trio.Event()
 
     # --- submitting commands (Trio thread) --------------------------------------
 
@@ -230,6 +232,9 @@ class Core:
         sink = self.effect_sink
         now = time.monotonic()
         for outcome in batch.outcomes:
+            value = outcome.result.value
+            if value and "checkpoint" in value:
+                self._record_checkpoint(value["checkpoint"], index, value["digest"])
             if mine:
                 p = pending.pop(outcome.rid, None)
                 if p is not None:
@@ -254,6 +259,19 @@ class Core:
             self._inflight = None
             self._update_fence(now)
             self._propose_next()
+
+    def _record_checkpoint(self, tag: str, index: int, digest: str) -> None:
+        self.checkpoints[tag] = (index, digest)
+        while len(self.checkpoints) > 256:
+            del self.checkpoints[next(iter(self.checkpoints))]
+        self._checkpoint_seen.set()
+        self._checkpoint_seen = trio.Event()
+
+    async def wait_checkpoint(self, tag: str) -> tuple[int, str]:
+        """(log index, table digest) recorded when this node applied checkpoint ``tag``."""
+        while tag not in self.checkpoints:
+            await self._checkpoint_seen.wait()
+        return self.checkpoints[tag]
 
     def _handle_failed(self, seq: int, attempt: int, reason: str, maybe_applied: bool) -> None:
         inflight = self._inflight
@@ -293,6 +311,7 @@ class Core:
         raft_cfg = RaftConfig(
             self_addr=cfg.raft, peers=cfg.peers, data_dir=cfg.data_dir / "raft",
             password=self._raft_password, timings=cfg.timings, fsync=cfg.fsync,
+            compaction_entries=cfg.compaction_entries,
         )
         self.log = ReplicatedLog(raft_cfg, self.table, self._on_applied, self._on_restored)
         try:

@@ -241,6 +241,16 @@ class Tick(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Checkpoint(Command):
+    """Every node records the table's digest at this exact log position, under
+    ``tag``: comparing them proves the replicas identical (chaos checker, admin)."""
+
+    op: ClassVar[str] = "checkpoint"
+    types: ClassVar[tuple[Any, ...]] = (str,)
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
 class Noop(Command):
     """Does nothing; committing one proves this node can reach a quorum."""
 
@@ -266,6 +276,7 @@ COMMANDS: dict[str, type[Command]] = {
         NodeDown,
         Heartbeat,
         Tick,
+        Checkpoint,
         Noop,
     )
 }
@@ -274,7 +285,10 @@ COMMANDS: dict[str, type[Command]] = {
 def _coerce(value: Any, expected: Any) -> Any:
     """Check one field's type; ints are accepted where floats are expected."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a CBOR bignum; an OverflowError would escape BatchApplier
+            raise CommandError("integer too large for a float field") from None
     if isinstance(value, bool) or not isinstance(value, expected):
         raise CommandError(f"field has type {type(value).__name__}")
     return value

@@ -30,6 +30,7 @@ from .commands import (
     STATUSES,
     Ack,
     Allow,
+    Checkpoint,
     Command,
     Detach,
     Heartbeat,
@@ -231,6 +232,7 @@ class SessionTable:
             NodeDown: self._node_down,
             Heartbeat: self._heartbeat,
             Tick: self._tick,
+            Checkpoint: self._checkpoint,
             Noop: self._noop,
         }
 
@@ -385,7 +387,10 @@ class SessionTable:
         best: Session | None = None
         for sid in u.sessions:
             s = self.sessions[sid]
-            if best is None or (RANK[s.status], s.updated) > (RANK[best.status], best.updated):
+            # The session id breaks full ties: the order of ``u.sessions`` is not
+            # part of a snapshot, so it must not decide what a restored replica shows.
+            if best is None or ((RANK[s.status], s.updated, s.id)
+                                > (RANK[best.status], best.updated, best.id)):
                 best = s
         if best is None:
             return ("offline", None)
@@ -541,6 +546,9 @@ class SessionTable:
             return s, []
         if s.attached:
             self._orphan(s, "conn")
+        elif s.orphan_reason == "node":
+            # The connection is gone now: the node's next heartbeat must not re-attach it.
+            s.orphan_reason = "conn"
         return OK, []
 
     def _logout(self, c: Logout) -> tuple[Result, list[Effect]]:
@@ -710,7 +718,8 @@ class SessionTable:
         return OK, []
 
     def _tick(self, c: Tick) -> tuple[Result, list[Effect]]:
-        self.clock += min(max(c.elapsed, 0.0), MAX_TICK_STEP)
+        step = c.elapsed if c.elapsed > 0.0 else 0.0  # also NaN: it would poison the clock
+        self.clock += min(step, MAX_TICK_STEP)
         if c.now > self.wall:
             self.wall = c.now
         effects: list[Effect] = []
@@ -722,17 +731,25 @@ class SessionTable:
                     s = self.sessions[sid]
                     if s.inc == info.inc and s.attached:
                         self._orphan(s, "node")
-        expired = 0
-        while self.orphans:
-            sid = next(iter(self.orphans))
+        due: list[Session] = []
+        for sid in self.orphans:  # ordered by orphaned_at
             s = self.sessions[sid]
             assert s.orphaned_at is not None
             if self.clock - s.orphaned_at < c.grace:
                 break
+            due.append(s)
+        # Expire in a canonical order: a restored replica's orphans are ordered by
+        # (orphaned_at, id), not by insertion, and the order changes the state.
+        due.sort(key=lambda s: (s.orphaned_at or 0.0, s.id))
+        for s in due:
             self._remove_session(s, self.wall, "expired", effects)
-            expired += 1
+        expired = len(due)
         self.stats.expired += expired
         return Result(True, {"expired": expired}), effects
+
+    def _checkpoint(self, c: Checkpoint) -> tuple[Result, list[Effect]]:
+        return Result(True, {"checkpoint": c.tag, "digest": self.digest(),
+                             "sessions": len(self.sessions)}), []
 
     def _noop(self, c: Noop) -> tuple[Result, list[Effect]]:
         return OK, []

@@ -1,0 +1,1 @@
+"""Chaos harness (Jepsen-style): nemeses, workload, history, checkers."""

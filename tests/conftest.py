@@ -1,0 +1,43 @@
+"""Shared fixtures: real clusters of node processes on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.launcher import LocalCluster
+from cluster.ports import free_base_port
+from node.auth import issue_token
+
+IN_CI = os.environ.get("CI") == "true"
+
+# Fast failure handling for tests; production defaults are in node/config.py.
+TEST_NODE_ARGS = ["--client-heartbeat", "2", "--log-level", "info"]
+
+
+class Cluster(LocalCluster):
+    def token(self, user: str, ttl: float = 3600) -> str:
+        return issue_token(self.keys.token, user, ttl)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Start clusters of real node processes; every one is stopped at teardown."""
+    made: list[Cluster] = []
+
+    def make(nodes: int = 3, node_args: list[str] | None = None, start: bool = True,
+             name: str = "c") -> Cluster:
+        base = free_base_port(nodes)
+        c = Cluster(tmp_path / f"{name}{len(made)}", nodes, "127.0.0.1", base,
+                    [*TEST_NODE_ARGS, *(node_args or [])])
+        made.append(c)
+        if start:
+            c.start(timeout=60)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
