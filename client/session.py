@@ -29,6 +29,7 @@ from node.protocol import (
     DEFAULT_MAX_FRAME,
     SERVER_FRAMES,
     FrameDecoder,
+    LocalProtocolError,
     RemoteProtocolError,
     encode,
 )
@@ -57,6 +58,8 @@ class Message:
     sender: str
     body: str | bytes
     ts: float
+    node: str = ""  # the node that delivered it
+    epoch: int = 0  # the session's epoch on that node (it grows with every resume)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,8 @@ class Reconnected:
     node: str
     session_id: str
     resumed: bool
+    node_id: str = ""
+    epoch: int = 0
 
 
 Event = PresenceEvent | Message | Reconnected
@@ -100,7 +105,10 @@ class Unreachable(SwitchboardError):
 
 RETRYABLE = {"unavailable", "overloaded", "internal"}
 """Request errors the library retries itself (the request is idempotent)."""
-RECONNECT_CODES = {"fenced", "shutdown", "timeout", "overloaded", "unavailable", "internal"}
+MOVE_ON = {"fenced", "shutdown", "reconnect"}
+"""Request errors that mean: this node cannot serve; resume on another one."""
+FATAL_LOGIN = {"invalid", "bad-field", "unknown-type", "bad-frame", "too-large"}
+"""Login errors that no other node would answer differently."""
 SEND_WINDOW = 256  # sends in flight; the cluster remembers the last 512 per session
 SEEN_IDS = 8192
 
@@ -198,6 +206,8 @@ class Session:
     async def set_presence(self, status: str, text: str | None = None) -> None:
         """Set this session's presence: ``online``, ``away`` or ``busy``."""
         await self._request({"type": "presence", "status": status, "text": text})
+        # A fresh login after the session expired starts from this presence.
+        self._status, self._text = status, text
 
     async def allow(self, user: str) -> None:
         """Let ``user`` see my presence."""
@@ -255,6 +265,10 @@ class Session:
     async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
         if self._failure is not None:
             raise self._failure
+        try:
+            encode(frame)
+        except LocalProtocolError as e:
+            raise SwitchboardError(e.code, e.reason) from None
         if self._closed:
             raise SessionEnded("closed", "the session is closed")
         rid = self._next_rid
@@ -309,7 +323,8 @@ class Session:
         self._seen_order.append(mid)
         if len(self._seen_order) > SEEN_IDS:
             self._seen_ids.discard(self._seen_order.popleft())
-        self._push_event(Message(mid, seq, f["from"], f["body"], float(f["ts"])))
+        self._push_event(Message(mid, seq, f["from"], f["body"], float(f["ts"]),
+                                 self.node_id or "", self.epoch))
 
     def _on_reply(self, f: dict[str, Any]) -> str | None:
         """Handle ok/error; returns a connection-level error code if the connection is done."""
@@ -321,8 +336,13 @@ class Session:
                 req.done.set()
             return None
         code, reason = f["code"], f["reason"]
-        if req is None:
+        if rid is None:
             return code  # an error about the connection itself
+        if req is None:
+            return None  # the answer to a request we stopped waiting for
+        if code in MOVE_ON:
+            req.sent_on = -1  # re-sent on the next connection
+            return code
         if code in RETRYABLE:
             req.sent_on = -1  # re-send it on the next write opportunity
             if self._tg is not None:
@@ -402,6 +422,8 @@ class Session:
                     raise
                 except (SwitchboardError, TimeoutError, RemoteProtocolError) as e:
                     await conn.stream.aclose()
+                    if isinstance(e, SwitchboardError) and e.code in FATAL_LOGIN:
+                        raise
                     if isinstance(e, SwitchboardError) and e.code in ("no-session", "bad-token"):
                         # The session expired (or never existed here): open a new one.
                         self.session_id = None
@@ -430,7 +452,8 @@ class Session:
                 self._heartbeat = float(ok["heartbeat"])
                 self.node = addr
                 if self._connection_events and not first:
-                    self._push_event(Reconnected(addr, ok["session"], resumed))
+                    self._push_event(Reconnected(addr, ok["session"], resumed, ok["node"],
+                                                 ok["epoch"]))
                 return conn
             attempt += 1
             if anyio.current_time() - started > self._give_up_after:
@@ -536,13 +559,13 @@ class Session:
             if idle >= interval or anyio.current_time() - conn.last_tx >= interval:
                 await self._write(conn, {"type": "ping"})
 
-    async def _close(self) -> None:
+    async def _close(self, logout: bool = True) -> None:
         """Log out (best effort) and stop."""
         if self._closed or self._closing:
             return
         self._closing = True
         conn = self._conn
-        if conn is not None and self._failure is None:
+        if logout and conn is not None and self._failure is None:
             with anyio.move_on_after(2.0, shield=True):
                 await self._write(conn, {"type": "bye"})
                 await self._stopped.wait()  # the reader returns on the node's bye
@@ -564,12 +587,15 @@ async def connect(
     request_timeout: float = 30.0,
     connection_events: bool = False,
     give_up_after: float = 60.0,
+    logout: bool = True,
 ) -> AsyncIterator[Session]:
     """Log in to one of ``nodes`` (``host:port`` strings, or one comma-separated string).
 
     By default a random node is tried first, so that clients spread over the
     cluster; ``ordered=True`` tries them in the order given. Leaving the
-    context logs out (contacts see you go offline if it was your last session).
+    context logs out (contacts see you go offline if it was your last session);
+    with ``logout=False`` it just disconnects, and the session waits for the
+    grace window like after a crash.
     """
     if isinstance(nodes, str):
         nodes = [n.strip() for n in nodes.split(",") if n.strip()]
@@ -584,7 +610,7 @@ async def connect(
             try:
                 yield session
             finally:
-                await session._close()
+                await session._close(logout)
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Raise the application's own exception, not a group from our task group.

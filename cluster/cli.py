@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--token", required=True)
     ch.add_argument("--ordered", action="store_true", help="try the nodes in the order given")
 
+    cx = sub.add_parser("chaos", help="run a chaos test: faults, workload, checkers (root)")
+    cx.add_argument("--nodes", type=int, default=3, help="3 to 7 (default 3)")
+    cx.add_argument("--duration", type=_positive, default=60.0, help="seconds of faults")
+    cx.add_argument("--faults", default="kill,pause,partition,loss,clock",
+                    help="comma-separated: kill,pause,partition,loss,clock,member")
+    cx.add_argument("--seed", type=int, default=None, help="schedule seed (default: random)")
+    cx.add_argument("--clients", type=int, default=None,
+                    help="workload clients (default 2 per node, at least 4)")
+    cx.add_argument("--rate", type=_positive, default=8.0, help="ops/s per client (default 8)")
+    cx.add_argument("--out", type=Path, default=None,
+                    help="run folder (default chaos-runs/TIME-seedS)")
+    cx.add_argument("--json", action="store_true", help="a JSON report as the last line")
+    cx.add_argument("--cleanup", action="store_true",
+                    help="only remove namespaces left by runs that died, then exit")
+
     ad = sub.add_parser("admin", help="inspect and change a running cluster")
     ad.add_argument("--cluster", required=True, help="admin addresses host:port,...")
     ad.add_argument("--secret-file", type=Path, default=Path("data/secret"))
@@ -128,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "admin":
             return cmd_admin(args)
+        if args.command == "chaos":
+            return cmd_chaos(args)
     except KeyboardInterrupt:
         return 130
     return _fail(f"unknown command {args.command}")
@@ -362,3 +379,68 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
             f"{r['uptime']:.0f}s", str(r.get("client")), str(r.get("admin")),
         )
     Console().print(table)
+
+
+# --- chaos ----------------------------------------------------------------------------------
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    import random
+
+    import trio
+    from rich.console import Console
+    from rich.table import Table
+
+    from chaos.generator import KINDS
+    from chaos.netns import NetnsError, cleanup_stale
+    from chaos.runner import ChaosError, ChaosOptions, run_chaos
+
+    if args.cleanup:
+        removed = cleanup_stale()
+        print(f"removed {len(removed)} stale namespaces/links")
+        return 0
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    bad = [f for f in faults if f not in KINDS]
+    if bad or not faults:
+        return _fail(f"--faults: unknown kind {bad[0] if bad else '(none)'}; "
+                     f"choose from {','.join(KINDS)}", 2)
+    if not 3 <= args.nodes <= 7:
+        return _fail("--nodes must be between 3 and 7", 2)
+    seed = args.seed if args.seed is not None else random.randrange(1, 1 << 31)
+    opts = ChaosOptions(nodes=args.nodes, duration=args.duration, faults=faults, seed=seed,
+                        clients=args.clients, rate=args.rate, out=args.out)
+    console = Console(stderr=args.json)
+
+    def progress(f: Any) -> None:
+        console.print(f"[dim]{f.start:6.1f}s[/dim] fault {f.number}: [bold]{f.kind}[/bold] "
+                      f"{f.variant} for {f.duration:.1f}s")
+
+    console.print(f"chaos: {args.nodes} nodes, {args.duration:g} s, faults {','.join(faults)}, "
+                  f"seed {seed}")
+    try:
+        report = trio.run(run_chaos, opts, progress)
+    except (ChaosError, NetnsError) as e:
+        return _fail(f"chaos: {e}")
+    table = Table(title="chaos run " + ("[green]VALID[/green]" if report["valid"]
+                                        else "[red]INVALID[/red]"))
+    table.add_column("check")
+    table.add_column("result")
+    table.add_row("faults", ", ".join(f"{k} {v}" for k, v in report["faults"].items()) or "-")
+    table.add_row("ops", ", ".join(f"{k} {v}" for k, v in report["ops"].items()))
+    for key in ("lost", "duplicated", "reordered", "failover_p50_s", "failover_p99_s"):
+        v = report.get(key)
+        table.add_row(key, f"{v:.3f}" if isinstance(v, float) else str(v))
+    for name, result in report.get("checks", {}).items():
+        if isinstance(result, dict):
+            table.add_row(name, "ok" if result.get("valid") else "[red]FAILED[/red]")
+    console.print(table)
+    console.print(f"history, report and timeline in {report['out']}")
+    if not report["valid"]:
+        console.print(f"[red]INVALID run, seed {seed}. Replay with:[/red] {report['replay']}")
+    if args.json:
+        summary = {k: report.get(k) for k in ("valid", "faults", "ops", "lost", "duplicated",
+                                              "reordered", "failover_p50_s", "failover_p99_s",
+                                              "seed")}
+        summary.update(out=report["out"], replay=report["replay"])
+        print(json.dumps(summary))
+    return 0 if report["valid"] else 1

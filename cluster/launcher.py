@@ -15,7 +15,9 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,20 +42,23 @@ class NodeSpec:
     data_dir: Path
 
 
-def layout(n: int, host: str, base_port: int, data_dir: Path) -> list[NodeSpec]:
+def layout(n: int, host: str, base_port: int, data_dir: Path,
+           hosts: list[str] | None = None) -> list[NodeSpec]:
     """Node k (0-based) listens on base+k (clients), base+100+k (Raft),
-    base+200+k (admin) and base+300+k (metrics)."""
-    return [
-        NodeSpec(
+    base+200+k (admin) and base+300+k (metrics). With ``hosts`` (one address per
+    node, e.g. each in its own network namespace) every node uses the base ports."""
+    specs = []
+    for k in range(n):
+        h, off = (hosts[k], 0) if hosts else (host, k)
+        specs.append(NodeSpec(
             id=f"n{k + 1}",
-            client=format_addr(host, base_port + k),
-            raft=format_addr(host, base_port + 100 + k),
-            admin=format_addr(host, base_port + 200 + k),
-            metrics=format_addr(host, base_port + 300 + k),
+            client=format_addr(h, base_port + off),
+            raft=format_addr(h, base_port + 100 + off),
+            admin=format_addr(h, base_port + 200 + off),
+            metrics=format_addr(h, base_port + 300 + off),
             data_dir=data_dir / f"n{k + 1}",
-        )
-        for k in range(n)
-    ]
+        ))
+    return specs
 
 
 def _set_pdeathsig() -> None:
@@ -82,7 +87,10 @@ class LocalCluster:
 
     def __init__(self, data_dir: Path, nodes: int = 3, host: str = "127.0.0.1",
                  base_port: int = 7100, node_args: list[str] | None = None,
-                 python: str = sys.executable, env: dict[str, str] | None = None):
+                 python: str = sys.executable, env: dict[str, str] | None = None,
+                 hosts: list[str] | None = None,
+                 wrap: Callable[[NodeSpec], list[str]] | None = None,
+                 node_env: Callable[[NodeSpec], dict[str, str]] | None = None):
         if not 1 <= nodes <= 99:
             raise LaunchError("--nodes must be between 1 and 99")
         self.data_dir = Path(data_dir).resolve()
@@ -92,7 +100,9 @@ class LocalCluster:
         self.node_args = list(node_args or [])
         self.python = python
         self.env = env
-        self.specs = layout(nodes, host, base_port, self.data_dir)
+        self.wrap = wrap
+        self.node_env = node_env
+        self.specs = layout(nodes, host, base_port, self.data_dir, hosts)
         self.secret_file = self.data_dir / "secret"
         self.procs: dict[str, NodeProcess] = {}
         self._keys: Keys | None = None
@@ -144,10 +154,16 @@ class LocalCluster:
         log = open(spec.data_dir / "node.log", "ab")  # noqa: SIM115 (the child keeps it)
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.node_env is not None:
+            env.update(self.node_env(spec))
+        prefix = self.wrap(spec) if self.wrap is not None else []
         proc = subprocess.Popen(
-            [*self.command(spec), *(extra_args or [])],
+            [*prefix, *self.command(spec), *(extra_args or [])],
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
-            preexec_fn=_set_pdeathsig,
+            # The death signal fires when the spawning *thread* exits, so only a
+            # node spawned from the main thread gets it (worker threads come and go).
+            preexec_fn=(_set_pdeathsig if threading.current_thread() is threading.main_thread()
+                        else None),
         )
         log.close()
         np = NodeProcess(spec, proc)

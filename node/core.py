@@ -35,6 +35,7 @@ from replication.commands import Command, Heartbeat, NodeDown, NodeUp, Tick
 from replication.raft import RaftConfig, RaftStatus, ReplicatedLog
 from replication.table import Effect, Result, SessionTable, error
 
+from .clock import wall
 from .config import NodeConfig
 
 log = structlog.get_logger("switchboard.core")
@@ -50,6 +51,8 @@ class _Pending:
     on_done: Callable[[Result], None]
     deadline: float
     submitted: float
+    keep: bool  # still propose it after answering 'unavailable' (keeps per-session order)
+    answered: bool = False
 
 
 @dataclass(slots=True)
@@ -117,8 +120,14 @@ class Core:
     # --- submitting commands (Trio thread) --------------------------------------
 
     def submit(self, cmd: Command, on_done: Callable[[Result], None],
-               timeout: float | None = None) -> None:
-        """Queue ``cmd`` for the log; ``on_done(result)`` is called exactly once."""
+               timeout: float | None = None, keep: bool = True) -> None:
+        """Queue ``cmd`` for the log; ``on_done(result)`` is called exactly once.
+
+        If it is not committed within ``timeout``, ``on_done`` gets 'unavailable'
+        (the outcome is unknown) and, with ``keep``, the command still goes to the
+        log in its turn: dropping it would let a later command of the same session
+        overtake it.
+        """
         if self._closing:
             on_done(SHUTDOWN)
             return
@@ -126,7 +135,7 @@ class Core:
         self._next_rid += 1
         now = time.monotonic()
         deadline = now + (self.config.commit_timeout if timeout is None else timeout)
-        self._pending[rid] = _Pending(on_done, deadline, now)
+        self._pending[rid] = _Pending(on_done, deadline, now, keep)
         self._deadlines.append((deadline, rid))
         self._queue.append((rid, cmd))
         if self._inflight is None:
@@ -237,7 +246,7 @@ class Core:
                 self._record_checkpoint(value["checkpoint"], index, value["digest"])
             if mine:
                 p = pending.pop(outcome.rid, None)
-                if p is not None:
+                if p is not None and not p.answered:
                     if self.observe_commit is not None:
                         self.observe_commit(now - p.submitted)
                     try:
@@ -346,8 +355,12 @@ class Core:
             deadlines = self._deadlines
             while deadlines and deadlines[0][0] <= now:
                 _, rid = deadlines.popleft()
-                p = self._pending.pop(rid, None)
-                if p is not None:
+                p = self._pending.get(rid)
+                if p is not None and not p.answered:
+                    if p.keep:
+                        p.answered = True
+                    else:
+                        del self._pending[rid]
                     self.stats.timeouts += 1
                     try:
                         p.on_done(UNAVAILABLE)
@@ -369,7 +382,7 @@ class Core:
                 beat += 1
                 in_flight = True
                 self.submit(Heartbeat(self.node_id, self.inc, beat), done,
-                            timeout=self.config.fence_after)
+                            timeout=self.config.fence_after, keep=False)
 
     async def _ticks(self) -> None:
         assert self.log is not None
@@ -394,8 +407,8 @@ class Core:
             elapsed = min(now - last, 2 * interval)
             last = now
             in_flight = True
-            self.submit(Tick(time.time(), elapsed, self.config.grace, self.config.node_timeout),
-                        done, timeout=2 * interval + 1.0)
+            self.submit(Tick(wall(), elapsed, self.config.grace, self.config.node_timeout),
+                        done, timeout=2 * interval + 1.0, keep=False)
 
     async def leave(self, timeout: float = 1.0) -> None:
         """Tell the cluster this node is going away, so its sessions are orphaned

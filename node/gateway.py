@@ -12,7 +12,6 @@ mailbox keeps every message until the recipient acks it).
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from .auth import (
     new_session_id,
     verify_token,
 )
+from .clock import wall
 from .config import NodeConfig, format_addr
 from .core import Core
 from .protocol import CLIENT_FRAMES, FrameDecoder, RemoteProtocolError, encode
@@ -130,37 +130,44 @@ class Gateway:
         self.sessions[conn.session] = conn
 
     def handle_effects(self, effects: list[Effect]) -> None:
-        sessions = self.sessions
         for e in effects:
-            if type(e) is Deliver:
-                m = e.message
-                data = encode({"type": "deliver", "seq": m.seq, "id": m.id, "from": m.sender,
-                               "body": m.body, "ts": m.ts})
-                for sid in e.sessions:
-                    c = sessions.get(sid)
-                    if c is not None:
-                        c.push(data)
-                        self.stats.messages_delivered += 1
-            elif type(e) is PresenceNotice:
-                data = encode({"type": "presence-event", "user": e.user, "status": e.status,
-                               "text": e.text, "last_seen": e.last_seen})
-                for sid in e.sessions:
-                    c = sessions.get(sid)
-                    if c is not None:
-                        c.push(data)
-                        self.stats.presence_events += 1
-            elif type(e) is SessionClosed:
-                c = sessions.get(e.session)
-                if c is not None and c.epoch == e.epoch and not c.closing:
-                    code = CLOSE_CODES.get(e.reason, e.reason)
-                    c.close("bye", code, f"session {e.reason}", detach=False)
+            try:
+                self._carry_out(e)
+            except Exception:  # one bad effect must not drop the others
+                log.exception("carrying out an effect failed", effect=type(e).__name__)
+
+    def _carry_out(self, e: Effect) -> None:
+        sessions = self.sessions
+        if type(e) is Deliver:
+            m = e.message
+            data = encode({"type": "deliver", "seq": m.seq, "id": m.id, "from": m.sender,
+                           "body": m.body, "ts": m.ts})
+            for sid in e.sessions:
+                c = sessions.get(sid)
+                if c is not None:
+                    c.push(data)
+                    self.stats.messages_delivered += 1
+        elif type(e) is PresenceNotice:
+            data = encode({"type": "presence-event", "user": e.user, "status": e.status,
+                           "text": e.text, "last_seen": e.last_seen})
+            for sid in e.sessions:
+                c = sessions.get(sid)
+                if c is not None:
+                    c.push(data)
+                    self.stats.presence_events += 1
+        elif type(e) is SessionClosed:
+            c = sessions.get(e.session)
+            if c is not None and c.epoch == e.epoch and not c.closing:
+                code = CLOSE_CODES.get(e.reason, e.reason)
+                c.close("bye", code, f"session {e.reason}", detach=False)
 
     def handle_restore(self, local: list[tuple[str, int]]) -> None:
         """A snapshot replaced the table: drop connections whose session is gone."""
         keep = set(local)
         for sid, c in list(self.sessions.items()):
             if (sid, c.epoch) not in keep:
-                c.close("bye", "moved", "the session is no longer on this node", detach=False)
+                c.close("bye", "reconnect", "this node lost track of the session; resume it",
+                        detach=False)
 
     def handle_fence(self, fenced: bool) -> None:
         if not fenced:
@@ -196,6 +203,7 @@ class ClientConnection:
         cfg = gateway.config
         self.decoder = FrameDecoder(CLIENT_FRAMES, cfg.max_frame)
         self._frames: deque[dict[str, Any]] = deque()
+        self._broken: RemoteProtocolError | None = None
         self.session: str | None = None
         self.epoch = 0
         self.user: str | None = None
@@ -312,11 +320,18 @@ class ClientConnection:
 
     async def _next_frame(self) -> dict[str, Any] | None:
         while not self._frames:
+            if self._broken is not None:
+                raise self._broken
             data = await self.stream.receive_some(65536)
             if not data:
                 return None
             self.decoder.feed(data)
-            self._frames.extend(self.decoder.frames())
+            try:
+                for frame in self.decoder.frames():
+                    self._frames.append(frame)
+            except RemoteProtocolError as e:
+                # Good frames that came before the bad one are still served.
+                self._broken = e
         self.gw.stats.frames_in += 1
         return self._frames.popleft()
 
@@ -355,19 +370,23 @@ class ClientConnection:
         if ftype not in ("login", "resume"):
             self.close("error", "not-logged-in", f"{ftype} before login", rid=rid)
             return False
-        if gw.core.fenced or gw.closing:
-            gw.stats.rejected_fenced += 1
-            self.close("error", "fenced", "this node cannot serve now; connect to another node",
+        if gw.closing:
+            self.close("error", "shutdown", "the node is shutting down; connect to another node",
                        rid=rid)
             return False
+        if gw.core.fenced:
+            gw.stats.rejected_fenced += 1
+            self.close("error", "fenced", "this node cannot reach a majority; connect to "
+                       "another node", rid=rid)
+            return False
         done = trio.Event()
-        now = time.time()
+        now = wall()
         token = new_resume_token()
         cmd: Command
         if ftype == "login":
             user = frame["user"]
             try:
-                verify_token(gw.keys.token, frame["token"], user)
+                verify_token(gw.keys.token, frame["token"], user, now)
             except AuthError as e:
                 gw.stats.auth_failures += 1
                 log.info("login refused", peer=self.peer, user=user[:64], reason=str(e))
@@ -429,13 +448,13 @@ class ClientConnection:
         rid = f.get("rid")
         cmd: Command
         if ftype == "send":
-            cmd = Send(sid, epoch, node, f["cmid"], f["to"], f["body"], time.time())
+            cmd = Send(sid, epoch, node, f["cmid"], f["to"], f["body"], wall())
             self.gw.stats.messages_sent += 1
         elif ftype == "ack":
             cmd = Ack(sid, epoch, node, f["seqs"])
             self.gw.stats.acks += 1
         elif ftype == "presence":
-            cmd = SetPresence(sid, epoch, node, f["status"], f.get("text"), time.time())
+            cmd = SetPresence(sid, epoch, node, f["status"], f.get("text"), wall())
             self.gw.stats.presence_updates += 1
         elif ftype == "allow":
             cmd = Allow(sid, epoch, node, f["user"])
@@ -447,7 +466,7 @@ class ClientConnection:
             cmd = Unsubscribe(sid, epoch, node, f["user"])
         elif ftype == "bye":
             self._detach = False
-            self.gw.core.submit(Logout(sid, epoch, node, time.time()), self._on_logout)
+            self.gw.core.submit(Logout(sid, epoch, node, wall()), self._on_logout)
             return
         else:  # login / resume on a logged-in connection
             self.push(encode({"type": "error", "code": "already-logged-in",

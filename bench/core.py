@@ -1,0 +1,397 @@
+"""core: logins/s, presence updates/s and message throughput on a local 3-node cluster.
+
+(a) logins: L clients log in at once, spread round-robin over the nodes; the
+    figure is logins completed per second of wall time (first connect to last
+    ``login-ok``) and per-client latency from TCP connect to ``login-ok``.
+(b) presence: C clients each do sequential ``presence`` requests, each awaiting
+    its ``ok`` (sent once the update is committed); committed updates per second
+    and per-request latency. C = 1 on the leader, C = 1 on a follower, C = 64
+    spread over the nodes.
+(c) messages: senders and recipients in pairs, the recipient on the sender's node
+    ("same node") or on the next node ("other node"); end-to-end latency from the
+    sender's send start to the recipient's receipt of the ``deliver`` frame, at a
+    target offered rate (open loop: latency counted from the scheduled send time,
+    so a late load generator cannot hide queueing) and at the maximum (closed
+    loop, a window of sends in flight per sender). Recipients acknowledge in
+    batches, as a real client would, so mailboxes stay small.
+
+Load comes from ``bench.loadgen`` (raw protocol), not the client library.
+Production node settings (no extra flags: fsync on).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from replication.raft import RaftTimings
+
+from . import loadgen
+from .common import (
+    BenchCluster,
+    Options,
+    emit,
+    fmt_ms,
+    fmt_rate,
+    machine_info,
+    make_table,
+    progress,
+    report_logs,
+    report_replicas,
+    summarize,
+)
+from .loadgen import Counters, RawConn, keepalive, login_all, logout_all, spread
+from .presence import presence_workload, ticker
+
+
+@dataclass(frozen=True)
+class Plan:
+    login_clients: int
+    login_waves: int
+    presence_clients: tuple[int, ...]
+    presence_seconds: float
+    warmup: float
+    pairs_per_node: int
+    target_rate: float
+    window: int
+    message_seconds: float
+    body_size: int = 100
+
+
+FULL = Plan(login_clients=1000, login_waves=3, presence_clients=(64,), presence_seconds=15.0,
+            warmup=2.0, pairs_per_node=4, target_rate=500.0, window=32,
+            message_seconds=15.0)
+QUICK = Plan(login_clients=150, login_waves=1, presence_clients=(64,), presence_seconds=3.0,
+             warmup=0.5, pairs_per_node=2, target_rate=300.0, window=16,
+             message_seconds=3.0)
+
+ACK_BATCH = 128
+ACK_FLUSH = 0.05
+DRAIN_SECONDS = 5.0
+MAX_SENDER_INFLIGHT = 2000
+
+
+# --- (a) logins -----------------------------------------------------------------------------
+
+
+async def bench_logins(bc: BenchCluster, plan: Plan, prog: Any) -> dict[str, Any]:
+    addrs = bc.addresses()
+    counters = Counters()
+    lat: list[float] = []
+    waves: list[dict[str, Any]] = []
+    logout_s: list[float] = []
+    task = prog.add_task("logins", total=plan.login_waves)
+    for w in range(plan.login_waves):
+        conns = [RawConn(spread(addrs, i), f"login{w}-{i}", bc.token(f"login{w}-{i}"), counters,
+                         i) for i in range(plan.login_clients)]
+        async with trio.open_nursery() as nursery:
+            t0 = time.perf_counter()
+            cpu0 = bc.cpu.snapshot()
+            ok = await login_all(nursery, conns, concurrency=plan.login_clients, timeout=30.0)
+            cpu = bc.cpu.between(cpu0, bc.cpu.snapshot())
+            if ok:
+                first = min(c.t_connect for c in conns if c.t_connect)
+                last = max(c.t_login_ok for c in ok)
+                wall = last - first
+            else:
+                wall = time.perf_counter() - t0
+            lat.extend(c.t_login_ok - c.t_connect for c in ok)
+            waves.append({"clients": plan.login_clients, "ok": len(ok), "wall_s": wall,
+                          "logins_per_s": len(ok) / wall if wall > 0 else 0.0, "cpu": cpu})
+            t1 = time.perf_counter()
+            await logout_all(conns, timeout=15.0)
+            logout_s.append(time.perf_counter() - t1)
+            nursery.cancel_scope.cancel()
+        prog.update(task, advance=1)
+        await trio.sleep(0.5)
+    total_ok = sum(w["ok"] for w in waves)
+    total_wall = sum(w["wall_s"] for w in waves)
+    return {
+        "clients_per_wave": plan.login_clients,
+        "waves": waves,
+        "logins_per_s": total_ok / total_wall if total_wall > 0 else 0.0,
+        "latency": summarize(lat),
+        "logout_all_seconds": logout_s,
+        "failures": counters.as_dict(),
+    }
+
+
+# --- (b) presence: bench.presence.presence_workload ---------------------------------------------
+
+
+# --- (c) messages -------------------------------------------------------------------------------
+
+
+@dataclass
+class MsgState:
+    measuring_from: float = 0.0
+    measuring_to: float = 0.0
+    sending: bool = True
+    sent: int = 0
+    committed: int = 0
+    shed: int = 0
+    delivered: int = 0
+    delivered_in_window: int = 0
+    duplicates: int = 0
+    e2e: list[float] = field(default_factory=list)
+    commit: list[float] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    committed_ids: dict[int, set[int]] = field(default_factory=dict)  # recipient -> ids
+
+
+async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, mode: str,
+                         prog: Any) -> dict[str, Any]:
+    addrs = bc.addresses()
+    n_nodes = len(addrs)
+    pairs = plan.pairs_per_node * n_nodes
+    counters = Counters()
+    tag = f"m{placement[0]}{mode[0]}"
+    senders: list[RawConn] = []
+    recipients: list[RawConn] = []
+    for i in range(pairs):
+        node = i % n_nodes
+        rnode = node if placement == "same" else (node + 1) % n_nodes
+        senders.append(RawConn(addrs[node], f"{tag}-s{i}", bc.token(f"{tag}-s{i}"), counters, i))
+        recipients.append(RawConn(addrs[rnode], f"{tag}-r{i}", bc.token(f"{tag}-r{i}"),
+                                  counters, i))
+    st = MsgState()
+    acks: dict[int, list[int]] = {i: [] for i in range(pairs)}
+
+    def in_window(t: float) -> bool:
+        return st.measuring_from <= t < st.measuring_to
+
+    def on_deliver(c: RawConn, f: dict[str, Any], now: float) -> None:
+        mid = f["id"]
+        if mid in st.seen:
+            st.duplicates += 1
+        else:
+            st.seen.add(mid)
+            st.delivered += 1
+            stamp = loadgen.read_stamp(f["body"])
+            if stamp is not None and in_window(stamp[0]):
+                st.e2e.append(now - stamp[0])
+            if in_window(now):
+                st.delivered_in_window += 1
+        pend = acks[c.index]
+        pend.append(f["seq"])
+        if len(pend) >= ACK_BATCH:
+            c.post({"type": "ack", "seqs": pend[:]})
+            pend.clear()
+
+    def send_one(s: RawConn, t0: float) -> None:
+        st.sent += 1
+        s.send_message(recipients[s.index].user, loadgen.stamp_body(t0, s.index, plan.body_size),
+                       t0)
+
+    def on_reply(c: RawConn, kind: str, t_sent: float, f: dict[str, Any], now: float) -> None:
+        if f["type"] == "ok":
+            st.committed += 1
+            mid = f.get("id")
+            if mid is not None:
+                st.committed_ids.setdefault(c.index, set()).add(int(mid))
+            if in_window(t_sent):
+                st.commit.append(now - t_sent)
+        if mode == "max" and st.sending:
+            send_one(c, time.perf_counter())
+
+    for r in recipients:
+        r.on_deliver = on_deliver
+    for s in senders:
+        s.on_reply = on_reply
+
+    async def ack_flusher() -> None:
+        while True:
+            await trio.sleep(ACK_FLUSH)
+            for r in recipients:
+                pend = acks[r.index]
+                if pend and not r.closed.is_set():
+                    r.post({"type": "ack", "seqs": pend[:]})
+                    pend.clear()
+
+    async def pacer(ok_senders: list[RawConn], deadline: float) -> None:
+        interval = 1.0 / plan.target_rate
+        k = 0
+        nxt = time.perf_counter()
+        while st.sending and time.perf_counter() < deadline:
+            await trio.sleep(max(0.0, nxt - time.perf_counter()))
+            now = time.perf_counter()
+            while nxt <= now:
+                s = ok_senders[k % len(ok_senders)]
+                k += 1
+                if len(s.pending) >= MAX_SENDER_INFLIGHT:
+                    st.shed += 1
+                else:
+                    send_one(s, nxt)
+                nxt += interval
+
+    label = f"messages, {placement} node, {mode}"
+    async with trio.open_nursery() as nursery:
+        ok_r = await login_all(nursery, recipients, concurrency=64)
+        ok_s = await login_all(nursery, senders, concurrency=64)
+        live = [*ok_r, *ok_s]
+        # Only complete pairs send: a recipient that could not log in (a node refused
+        # it) would leave every message in its mailbox.
+        r_ok = {r.index for r in ok_r}
+        ok_s = [s for s in ok_s if s.index in r_ok]
+        nursery.start_soon(keepalive, live)
+        nursery.start_soon(ack_flusher)
+        task = prog.add_task(label, total=plan.message_seconds)
+        nursery.start_soon(ticker, prog, task, plan.message_seconds)
+        start = time.perf_counter()
+        st.measuring_from = start + plan.warmup
+        st.measuring_to = start + plan.message_seconds
+        if ok_s:
+            if mode == "rate":
+                nursery.start_soon(pacer, ok_s, st.measuring_to)
+            else:
+                for s in ok_s:
+                    for _ in range(plan.window):
+                        send_one(s, time.perf_counter())
+        await trio.sleep(plan.warmup)
+        cpu0 = bc.cpu.snapshot()
+        await trio.sleep(plan.message_seconds - plan.warmup)
+        cpu = bc.cpu.between(cpu0, bc.cpu.snapshot())
+        st.sending = False
+        # Drain: every committed message must reach its recipient exactly once.
+        with trio.move_on_after(DRAIN_SECONDS):
+            while any(s.pending for s in ok_s) or st.delivered < st.committed:
+                await trio.sleep(0.05)
+        await trio.sleep(0.2)  # room for a (wrong) duplicate
+        await logout_all(live, timeout=10.0)
+        nursery.cancel_scope.cancel()
+    prog.update(task, completed=plan.message_seconds)
+    window = plan.message_seconds - plan.warmup
+    # A committed message must reach a recipient that stayed connected; one whose
+    # connection the node closed (this load generator does not resume) keeps it in
+    # its mailbox: counted apart.
+    missing = sum(len(ids - st.seen) for i, ids in st.committed_ids.items()
+                  if not recipients[i].dropped)
+    stranded = sum(len(ids - st.seen) for i, ids in st.committed_ids.items()
+                   if recipients[i].dropped)
+    return {
+        "placement": placement, "mode": mode, "pairs": pairs, "pairs_active": len(ok_s),
+        "offered_per_s": plan.target_rate if mode == "rate" else None,
+        "window": plan.window if mode == "max" else None,
+        "window_s": window,
+        "delivered_per_s": st.delivered_in_window / window,
+        "sent": st.sent, "committed": st.committed, "delivered": st.delivered,
+        "shed": st.shed, "duplicates": st.duplicates, "missing": missing,
+        "undelivered_closed_recipient": stranded, "cpu": cpu,
+        "e2e": summarize(st.e2e), "commit": summarize(st.commit),
+        "failures": counters.as_dict(),
+    }
+
+
+# --- the bench ------------------------------------------------------------------------------------
+
+
+async def _run(opts: Options, bc: BenchCluster, plan: Plan) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    with progress(opts) as prog:
+        result["logins"] = await bench_logins(bc, plan, prog)
+        result["presence"] = [
+            await presence_workload(bc, prog, clients=1, seconds=plan.presence_seconds,
+                                    warmup=plan.warmup, where="leader"),
+            await presence_workload(bc, prog, clients=1, seconds=plan.presence_seconds,
+                                    warmup=plan.warmup, where="follower"),
+            *[await presence_workload(bc, prog, clients=c, seconds=plan.presence_seconds,
+                                      warmup=plan.warmup) for c in plan.presence_clients],
+        ]
+        msgs = []
+        for placement in ("same", "other"):
+            for mode in ("rate", "max"):
+                msgs.append(await bench_messages(bc, plan, placement, mode, prog))
+        result["messages"] = msgs
+    return result
+
+
+def _cpu(c: dict[str, float]) -> str:
+    return f"{c['nodes_cores']:.2f}/{c['bench_cores']:.2f}/{c['others_cores']:.2f}"
+
+
+def _print(opts: Options, res: dict[str, Any]) -> None:
+    con = opts.console
+    lg = res["logins"]
+    con.print(make_table(
+        f"(a) logins: {lg['clients_per_wave']} clients at once x {len(lg['waves'])} waves",
+        ["figure", "value"],
+        [["logins/s", fmt_rate(lg["logins_per_s"])],
+         ["per wave", ", ".join(fmt_rate(w["logins_per_s"]) for w in lg["waves"])],
+         ["connect+login p50 ms", fmt_ms(lg["latency"]["p50_ms"])],
+         ["connect+login p99 ms", fmt_ms(lg["latency"]["p99_ms"])],
+         ["failed logins", str(sum(lg["failures"]["login_failures"].values()))],
+         ["CPU nodes/bench/others (cores)", ", ".join(_cpu(w["cpu"]) for w in lg["waves"])]]))
+    con.print(make_table(
+        "(b) presence updates (each client: sequential, awaiting the commit)",
+        ["clients", "on", "committed/s", "p50 ms", "p99 ms", "max ms", "err/drop",
+         "CPU nodes/bench/others"],
+        [[str(p["clients"]), p["where"], fmt_rate(p["ops_per_s"]),
+          fmt_ms(p["latency"]["p50_ms"]), fmt_ms(p["latency"]["p99_ms"]),
+          fmt_ms(p["latency"]["max_ms"]),
+          f"{sum(p['failures']['errors'].values())}/{p['failures']['closed_early']}",
+          _cpu(p["cpu"])] for p in res["presence"]]))
+    rows = []
+    for m in res["messages"]:
+        load = (f"{fmt_rate(m['offered_per_s'])}/s" if m["mode"] == "rate"
+                else f"max, {m['window']}/sender")
+        fails = m["failures"]
+        issues = (f"{m['missing']}/{m['duplicates']}/{m['shed']}/"
+                  f"{fails['closed_early']}/{sum(fails['errors'].values())}")
+        rows.append([f"{m['placement']} node", load, f"{m['pairs_active']}/{m['pairs']}",
+                     fmt_rate(m["delivered_per_s"]),
+                     fmt_ms(m["e2e"]["p50_ms"]), fmt_ms(m["e2e"]["p99_ms"]),
+                     fmt_ms(m["commit"]["p50_ms"]), fmt_ms(m["commit"]["p99_ms"]), issues,
+                     _cpu(m["cpu"])])
+    pairs = res["messages"][0]["pairs"] if res["messages"] else 0
+    con.print(make_table(
+        f"(c) messages, {pairs} sender/recipient pairs (e2e: sender's send start -> "
+        "recipient reads deliver; commit: send -> ok)",
+        ["recipient", "load", "pairs", "delivered/s", "e2e p50", "e2e p99", "commit p50",
+         "commit p99", "miss/dup/shed/drop/err", "CPU n/b/o"], rows,
+        caption="latencies in ms; CPU in cores: nodes/bench process/other processes; "
+                "drop = connections the node closed"))
+    con.print(make_table(
+        "node counters after the run", ["node", "term", "batches", "commands", "retries",
+                                        "timeouts", "fenced refusals", "dropped slow",
+                                        "journal fsyncs"],
+        [[nid + (" (leader)" if nid == res.get("leader_at_end") else ""),
+          f"{c.get('raft_term', 0):.0f}", f"{c.get('batches_committed', 0):.0f}",
+          f"{c.get('commands_committed', 0):.0f}", f"{c.get('proposal_retries', 0):.0f}",
+          f"{c.get('request_timeouts', 0):.0f}", f"{c.get('refused_fenced', 0):.0f}",
+          f"{c.get('clients_dropped_slow', 0):.0f}", f"{c.get('journal_fsyncs', 0):.0f}"]
+         for nid, c in res.get("node_counters", {}).items()]))
+    con.print(f"nodes fenced themselves {res['fenced_events']} times; pysyncobj logged "
+              f"'truncating already-applied log entries' {res['truncations_logged']} times")
+    con.print(f"client: {res['client']}")
+
+
+def run(opts: Options) -> dict[str, Any]:
+    plan = QUICK if opts.quick else FULL
+    t0 = time.monotonic()
+    machine = machine_info()
+    bc = BenchCluster(opts, "core")
+    try:
+        bc.start()
+        opts.console.print(f"cluster: 3 nodes on {', '.join(bc.addresses())}, default settings "
+                           f"(fsync on); load: {loadgen.CLIENT_NAME}")
+        res = trio.run(_run, opts, bc, plan)
+        res["node_counters"] = bc.node_counters()
+        res["replicas"] = bc.check_replicas()
+        res["leader_at_end"] = bc.c.leader()
+    finally:
+        bc.stop()
+    res = {"bench": "core", "command": opts.argv(), "quick": opts.quick,
+           "client": loadgen.CLIENT_NAME, "plan": asdict(plan), "machine": machine,
+           "raft_timings": asdict(RaftTimings()), **res,
+           "node_logs": bc.logs.as_dict(), "fenced_events": bc.logs.lines_with("fenced"),
+           "truncations_logged": bc.logs.lines_with("truncating already-applied"),
+           "duration_s": time.monotonic() - t0}
+    _print(opts, res)
+    report_replicas(opts, res["replicas"])
+    report_logs(opts, bc.logs)
+    opts.console.print(f"total {res['duration_s']:.1f} s")
+    emit(opts, res)
+    return res

@@ -1,0 +1,249 @@
+"""Group-commit batches: envelope encoding, and an applier that never raises."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replication.batch import AppliedBatch, BatchApplier, decode_batch, encode_batch
+from replication.commands import (
+    Ack,
+    Command,
+    CommandError,
+    Login,
+    Logout,
+    Noop,
+    Send,
+    SetPresence,
+)
+from replication.table import Deliver, PresenceNotice, SessionTable
+
+H = b"token-hash"
+
+
+def test_encode_decode_round_trip() -> None:
+    """decode_batch returns the envelope and the items as [rid, wire] pairs."""
+    items: list[tuple[int, Command]] = [
+        (1, Login("s1", "alice", "n1", 1, H, "online", None, 1.0)),
+        (2, Send("s1", 1, "n1", 1, "bob", b"\x00hi", 2.0)),
+        (7, Noop()),
+    ]
+    origin, inc, seq, decoded = decode_batch(encode_batch("n1", 5, 42, items))
+    assert (origin, inc, seq) == ("n1", 5, 42)
+    assert decoded == [[rid, cmd.to_wire()] for rid, cmd in items]
+
+
+def test_empty_batch_round_trip() -> None:
+    """A batch without commands is valid and applies to nothing."""
+    blob = encode_batch("n2", 1, 0, [])
+    assert decode_batch(blob) == ("n2", 1, 0, [])
+    applier = BatchApplier(SessionTable())
+    assert applier.apply(blob) == AppliedBatch("n2", 1, 0, [])
+    assert applier.batches == 1
+
+
+MALFORMED_BLOBS: list[bytes] = [
+    b"",
+    b"\xff",
+    b"\x1f",  # reserved additional info
+    cbor2.dumps(["n1", 1, 1, [[1, ["noop"]]]])[:-3],  # truncated
+    cbor2.dumps(None),
+    cbor2.dumps(7),
+    cbor2.dumps("n1"),
+    cbor2.dumps({"origin": "n1"}),
+    cbor2.dumps(["n1", 1, 1]),
+    cbor2.dumps(["n1", 1, 1, [], "extra"]),
+    cbor2.dumps([1, 1, 1, []]),
+    cbor2.dumps(["n1", "1", 1, []]),
+    cbor2.dumps(["n1", 1, 1.5, []]),
+    cbor2.dumps(["n1", 1, 1, {"a": 1}]),
+    cbor2.dumps(["n1", 1, 1, None]),
+    cbor2.dumps("abcd"),  # four characters unpack into four fields
+    cbor2.dumps(b"abcd"),
+]
+
+
+@pytest.mark.parametrize("blob", MALFORMED_BLOBS, ids=repr)
+def test_decode_batch_rejects_malformed(blob: bytes) -> None:
+    """A malformed envelope is a CommandError, whatever the decoder raised."""
+    with pytest.raises(CommandError):
+        decode_batch(blob)
+
+
+@pytest.mark.parametrize("blob", MALFORMED_BLOBS, ids=repr)
+def test_applier_drops_malformed_blob(blob: bytes) -> None:
+    """A malformed log entry yields an empty AppliedBatch and leaves the table alone."""
+    table = SessionTable()
+    before = table.digest()
+    applier = BatchApplier(table)
+    assert applier.apply(blob) == AppliedBatch("", 0, 0, [])
+    assert applier.rejected == 1
+    assert applier.batches == 0
+    assert table.digest() == before
+
+
+def test_applier_applies_in_order_with_results_and_effects() -> None:
+    """Each command gets an outcome with its rid, its result and the local effects."""
+    table = SessionTable(local=("n1", 1))
+    applier = BatchApplier(table)
+    blob = encode_batch("n1", 1, 1, [
+        (10, Login("b1", "bob", "n1", 1, H, "online", None, 1.0)),
+        (11, Login("a1", "alice", "n2", 1, H, "online", None, 1.0)),
+        (12, Send("a1", 1, "n2", 1, "bob", "hi", 2.0)),
+        (13, Ack("b1", 1, "n1", [1])),
+    ])
+    applied = applier.apply(blob)
+    assert (applied.origin, applied.inc, applied.seq) == ("n1", 1, 1)
+    assert [o.rid for o in applied.outcomes] == [10, 11, 12, 13]
+    assert all(o.result.ok for o in applied.outcomes)
+    send = applied.outcomes[2]
+    assert send.result.value == {"id": 1, "seq": 1}
+    assert len(send.effects) == 1
+    deliver = send.effects[0]
+    assert isinstance(deliver, Deliver)
+    assert deliver.sessions == ["b1"]
+    assert deliver.message.body == "hi"
+    assert applied.outcomes[3].result.value == {"acked": 1}
+    assert (applier.batches, applier.commands, applier.rejected) == (1, 4, 0)
+
+
+def test_applier_reports_malformed_items_and_applies_the_rest() -> None:
+    """Malformed items get an "invalid" outcome; the valid ones around them apply."""
+    table = SessionTable()
+    applier = BatchApplier(table)
+    good = Login("s1", "alice", "n1", 1, H, "online", None, 1.0).to_wire()
+    items: list[Any] = [
+        [1, ["nope", 1]],  # unknown op
+        [2, ["logout", "s1", 1]],  # wrong arity
+        [3, ["logout", "s1", "1", "n1", 1.0]],  # wrong type
+        [4, ["logout", "s1", True, "n1", 1.0]],  # bool for an int
+        [5, ["ack", "s1", 1, "n1", ["1"]]],  # non-int seq
+        [6, ["tick", 10**400, 1.0, 1.0, 1.0]],  # bignum for a float
+        [7, good],
+        "not-a-pair",
+        [8],
+        [9, good, "extra"],
+        42,
+        None,
+        ["rid", ["noop", "x"]],  # a non-int rid is reported as -1
+        [10, ["noop"]],
+    ]
+    applied = applier.apply(cbor2.dumps(["n1", 1, 9, items]))
+    outcomes = applied.outcomes
+    assert len(outcomes) == len(items)
+    assert [o.rid for o in outcomes[:7]] == [1, 2, 3, 4, 5, 6, 7]
+    for o in outcomes[:6]:
+        assert not o.result.ok
+        assert o.result.code == "invalid"
+        assert o.effects == []
+    assert outcomes[6].result.ok
+    for o in outcomes[7:13]:
+        assert o.result.code == "invalid"
+        assert o.rid == -1
+    assert outcomes[13].rid == 10
+    assert outcomes[13].result.ok
+    assert applier.rejected == 12
+    assert applier.commands == 2
+    assert table.presence_of("alice")[0] == "online"
+
+
+def test_applier_turns_a_table_exception_into_an_internal_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handler that raises yields an "internal" outcome; later commands still apply."""
+    table = SessionTable(local=("n1", 1))
+
+    def boom(cmd: SetPresence) -> Any:
+        raise KeyError("broken handler")
+
+    monkeypatch.setitem(table._dispatch, SetPresence, boom)
+    applier = BatchApplier(table)
+    blob = encode_batch("n1", 1, 3, [
+        (1, Login("s1", "alice", "n1", 1, H, "online", None, 1.0)),
+        (2, SetPresence("s1", 1, "n1", "away", None, 2.0)),
+        (3, Login("s2", "bob", "n1", 1, H, "online", None, 2.0)),
+        (4, Logout("s1", 1, "n1", 3.0)),
+    ])
+    outcomes = applier.apply(blob).outcomes
+    assert [o.rid for o in outcomes] == [1, 2, 3, 4]
+    failed = outcomes[1]
+    assert not failed.result.ok
+    assert failed.result.code == "internal"
+    assert failed.result.reason is not None and "KeyError" in failed.result.reason
+    assert failed.effects == []
+    assert outcomes[2].result.ok and outcomes[3].result.ok
+    assert table.presence_of("alice")[0] == "offline"
+    assert table.presence_of("bob")[0] == "online"
+    assert applier.commands == 4
+    assert applier.rejected == 0
+
+
+def test_applier_survives_a_class_level_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patching the handler on the class before the table is built also yields "internal"."""
+
+    def boom(self: SessionTable, cmd: Noop) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(SessionTable, "_noop", boom)
+    applier = BatchApplier(SessionTable())
+    outcomes = applier.apply(encode_batch("n1", 1, 1, [(1, Noop()), (2, Noop())])).outcomes
+    assert [o.result.code for o in outcomes] == ["internal", "internal"]
+
+
+def test_applier_counts_batches() -> None:
+    """Counters accumulate across batches."""
+    applier = BatchApplier(SessionTable())
+    for seq in range(3):
+        applier.apply(encode_batch("n1", 1, seq, [(seq, Noop())]))
+    applier.apply(b"\xff")
+    assert (applier.batches, applier.commands, applier.rejected) == (3, 3, 1)
+
+
+def test_effects_follow_the_local_identity() -> None:
+    """The same batch applied to another node's table gives other effects, same state."""
+    blob = encode_batch("n1", 1, 1, [
+        (1, Login("b1", "bob", "n1", 1, H, "online", None, 1.0)),
+        (2, Login("a1", "alice", "n2", 1, H, "online", None, 1.0)),
+        (3, Send("a1", 1, "n2", 1, "bob", "hi", 2.0)),
+    ])
+    t1, t2, t0 = SessionTable(("n1", 1)), SessionTable(("n2", 1)), SessionTable()
+    o1 = BatchApplier(t1).apply(blob).outcomes
+    o2 = BatchApplier(t2).apply(blob).outcomes
+    o0 = BatchApplier(t0).apply(blob).outcomes
+    assert [o.result for o in o1] == [o.result for o in o2] == [o.result for o in o0]
+    assert len(o1[2].effects) == 1
+    assert o2[2].effects == [] and o0[2].effects == []
+    assert t1.digest() == t2.digest() == t0.digest()
+    assert not any(isinstance(e, PresenceNotice) for o in o0 for e in o.effects)
+
+
+cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats() | st.text(max_size=8) | st.binary(max_size=8)
+    | st.sampled_from(["login", "resume", "send", "ack", "tick", "noop", "logout"]),
+    lambda children: st.lists(children, max_size=6)
+    | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=st.lists(cbor_values, max_size=6), envelope=st.booleans())
+def test_applier_never_raises_on_random_items(items: list[Any], envelope: bool) -> None:
+    """Random CBOR items (or random envelopes) give outcomes, never exceptions."""
+    applier = BatchApplier(SessionTable(local=("n1", 1)))
+    blob = cbor2.dumps(["n1", 1, 1, items] if envelope else items)
+    applied = applier.apply(blob)
+    if envelope:
+        assert len(applied.outcomes) == len(items)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=64))
+def test_applier_never_raises_on_random_bytes(blob: bytes) -> None:
+    """Arbitrary bytes never make the applier raise."""
+    BatchApplier(SessionTable()).apply(blob)
