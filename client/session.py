@@ -188,7 +188,9 @@ class Session:
         self._write_lock = anyio.Lock()
         self._requests: dict[int, _Request] = {}
         self._next_rid = 1
-        self._next_cmid = 1
+        # cmids must be unique among the user's recent sends over all its sessions
+        # and clients: a random 30-bit instance id above a per-instance counter.
+        self._next_cmid = (random.getrandbits(30) << 24) + 1
         self._send_window = anyio.Semaphore(SEND_WINDOW)
         self._events: deque[Event] = deque()
         self._events_ready = anyio.Event()

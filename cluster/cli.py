@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--client-heartbeat", type=_positive, default=10.0,
                     help="clients ping at least this often, seconds (default 10)")
     nd.add_argument("--no-fsync", action="store_true", help="do not fsync the Raft journal")
+    nd.add_argument("--join", action="store_true",
+                    help="a new member: serve clients only after `switchboard admin add`")
     nd.add_argument("--compaction-entries", type=int, default=20_000,
                     help="snapshot the table after this many log entries (default 20000)")
     nd.add_argument("--log-format", choices=["kv", "json"], default="kv")
@@ -127,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     adsub.required = True
     st = adsub.add_parser("status", help="one row per node")
     st.add_argument("--json", action="store_true")
+    a = adsub.add_parser("add", help="add a node started with --join (give its admin address)")
+    a.add_argument("node_admin", metavar="ADMIN_ADDR")
+    a.add_argument("--wait", type=_positive, default=120.0,
+                   help="seconds to wait for it to catch up (default 120)")
+    r = adsub.add_parser("remove", help="drain and remove a member (the leader too)")
+    r.add_argument("node", metavar="NODE", help="node id, or a dead node's Raft address")
+    r.add_argument("--no-retire", action="store_true", help="leave the removed process running")
+    d = adsub.add_parser("drain", help="move a node's clients to other nodes")
+    d.add_argument("node", metavar="NODE")
+    u = adsub.add_parser("undrain", help="let a drained node serve clients again")
+    u.add_argument("node", metavar="NODE")
+    t = adsub.add_parser("transfer", help="hand Raft leadership to another node")
+    t.add_argument("node", metavar="NODE", nargs="?", help="target (default: most caught up)")
     return p
 
 
@@ -181,6 +196,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         node_timeout=args.node_timeout, fence_after=args.fence_after,
         client_heartbeat=args.client_heartbeat, fsync=not args.no_fsync,
         compaction_entries=max(50, args.compaction_entries), log_format=args.log_format,
+        join=args.join,
     )
     logs.configure(args.id, args.log_format, getattr(logging, args.log_level.upper()))
 
@@ -324,6 +340,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     from node.config import ConfigError, parse_addr
 
     from .adminclient import AdminCallError, admin_call
+    from .membership import ClusterAdmin
 
     addrs = [a.strip() for a in args.cluster.split(",") if a.strip()]
     try:
@@ -332,6 +349,32 @@ def cmd_admin(args: argparse.Namespace) -> int:
         keys = Keys.from_secret(read_secret(args.secret_file))
     except (ConfigError, SecretError) as e:
         return _fail(str(e))
+    if args.admin_command != "status":
+        try:
+            ca = ClusterAdmin(addrs, keys)
+            if args.admin_command == "add":
+                parse_addr(args.node_admin, "ADMIN_ADDR")
+                res = ca.add(args.node_admin, wait=args.wait)
+                print(f"added {res['added']} ({res['raft']}); members: "
+                      f"{', '.join(res['members'])}")
+            elif args.admin_command == "remove":
+                res = ca.remove(args.node, retire=not args.no_retire)
+                print(f"removed {res['removed']} ({res['raft']}); members: "
+                      f"{', '.join(res['members'])}")
+            elif args.admin_command == "drain":
+                res = ca.drain(args.node)
+                print(f"drained {res['drained']}: {res['connections']} connections left")
+            elif args.admin_command == "undrain":
+                res = ca.undrain(args.node)
+                print(f"{res['undrained']} serves clients again")
+            elif args.admin_command == "transfer":
+                res = ca.transfer(args.node)
+                print(f"leader is now {res['leader']}")
+        except AdminCallError as e:
+            return _fail(f"{args.admin_command}: {e.reason}")
+        except ConfigError as e:
+            return _fail(str(e))
+        return 0
     if args.admin_command == "status":
         rows: list[dict[str, Any]] = []
         errors = 0

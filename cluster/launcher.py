@@ -105,6 +105,7 @@ class LocalCluster:
         self.specs = layout(nodes, host, base_port, self.data_dir, hosts)
         self.secret_file = self.data_dir / "secret"
         self.procs: dict[str, NodeProcess] = {}
+        self.removed: set[str] = set()
         self._keys: Keys | None = None
 
     @property
@@ -137,8 +138,26 @@ class LocalCluster:
         else:
             marker.write_text(json.dumps(want) + "\n")
 
+    def add_spec(self, host: str | None = None) -> NodeSpec:
+        """Lay out one more node (for membership changes); start it with ``--join``."""
+        k = len(self.specs)
+        h, off = (host, 0) if host is not None else (self.host, k)
+        spec = NodeSpec(
+            id=f"n{k + 1}",
+            client=format_addr(h, self.base_port + off),
+            raft=format_addr(h, self.base_port + 100 + off),
+            admin=format_addr(h, self.base_port + 200 + off),
+            metrics=format_addr(h, self.base_port + 300 + off),
+            data_dir=self.data_dir / f"n{k + 1}",
+        )
+        self.specs.append(spec)
+        return spec
+
+    def members(self) -> list[NodeSpec]:
+        return [s for s in self.specs if s.id not in self.removed]
+
     def command(self, spec: NodeSpec) -> list[str]:
-        peers = ",".join(s.raft for s in self.specs if s.id != spec.id)
+        peers = ",".join(s.raft for s in self.members() if s.id != spec.id)
         return [
             self.python, "-m", "cluster", "node",
             "--id", spec.id, "--listen", spec.client, "--raft", spec.raft,

@@ -19,7 +19,7 @@ import jwt
 import structlog
 import trio
 
-from replication.commands import Checkpoint
+from replication.commands import Checkpoint, Join, Leave
 
 from .auth import Keys
 from .config import NodeConfig, format_addr
@@ -66,8 +66,10 @@ class AdminServer:
     """Serves admin requests for one node."""
 
     def __init__(self, config: NodeConfig, core: Core, gateway: Gateway, keys: Keys,
-                 addresses: dict[str, str | None]):
+                 addresses: dict[str, str | None], stop: trio.Event | None = None):
         self.config = config
+        self.stop = stop if stop is not None else trio.Event()
+        self._change = trio.Lock()
         self.core = core
         self.gateway = gateway
         self.keys = keys
@@ -77,6 +79,12 @@ class AdminServer:
             "status": self._status,
             "checkpoint": self._checkpoint,
             "digest": self._digest,
+            "member-add": self._member_add,
+            "member-remove": self._member_remove,
+            "transfer": self._transfer,
+            "drain": self._drain,
+            "undrain": self._undrain,
+            "retire": self._retire,
         }
         self.address: str | None = None
 
@@ -127,6 +135,123 @@ class AdminServer:
     async def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
         return node_status(self.config, self.core, self.gateway, self.addresses, self.started)
 
+    # --- membership (one change at a time, on the leader) ----------------------
+
+    def _leader_status(self) -> Any:
+        st = self.core.statistics().raft
+        if st.role != "leader":
+            raise AdminError("not-leader", f"this node is not the leader (leader: {st.leader})")
+        return st
+
+    @staticmethod
+    def _addr_arg(args: dict[str, Any], key: str) -> str:
+        value = args.get(key)
+        if not isinstance(value, str) or ":" not in value:
+            raise AdminError("bad-args", f"{key} must be a host:port string")
+        return value
+
+    async def _member_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Add a node (started with --join) to the Raft cluster, then mark it joined."""
+        raft = self._addr_arg(args, "raft")
+        node_id = args.get("id")
+        if not isinstance(node_id, str) or not node_id:
+            raise AdminError("bad-args", "id must be the new node's id")
+        if self._change.locked():
+            raise AdminError("change-in-progress", "another membership change is in progress")
+        async with self._change:
+            st = self._leader_status()
+            if raft in st.members:
+                raise AdminError("already-a-member", f"{raft} is already a member")
+            healthy = 1 + len(st.connected)
+            new_size = len(st.members) + 1
+            if healthy <= new_size / 2:
+                raise AdminError(
+                    "would-lose-quorum",
+                    f"only {healthy} of {len(st.members)} members are up; adding a node that "
+                    f"has not caught up would leave no majority of {new_size}")
+            err = await self.core.raft_call(
+                lambda cb: self.core.log.add_member(raft, cb))  # type: ignore[union-attr]
+            if err is not None:
+                raise AdminError("refused", f"the Raft log refused the change: {err}")
+            result = await self.core.request(Join(node_id), timeout=15)
+            if not result.ok:
+                raise AdminError(result.code or "internal", result.reason or "")
+            log.info("member added", member=node_id, raft=raft)
+            return {"added": node_id, "raft": raft,
+                    "members": sorted([*st.members, raft])}
+
+    async def _member_remove(self, args: dict[str, Any]) -> dict[str, Any]:
+        raft = self._addr_arg(args, "raft")
+        node_id = args.get("id") if isinstance(args.get("id"), str) else raft
+        if self._change.locked():
+            raise AdminError("change-in-progress", "another membership change is in progress")
+        async with self._change:
+            st = self._leader_status()
+            if raft not in st.members:
+                raise AdminError("not-a-member", f"{raft} is not a member of the cluster")
+            if raft == self.config.raft:
+                raise AdminError("is-leader", "the leader cannot remove itself: transfer "
+                                 "leadership first")
+            remaining = [m for m in st.members if m != raft]
+            healthy = sum(1 for m in remaining if m == self.config.raft or m in st.connected)
+            if healthy <= len(remaining) / 2:
+                raise AdminError(
+                    "would-lose-quorum",
+                    f"after removing {node_id} only {healthy} of {len(remaining)} members "
+                    "would be up")
+            err = await self.core.raft_call(
+                lambda cb: self.core.log.remove_member(raft, cb))  # type: ignore[union-attr]
+            if err is not None:
+                raise AdminError("refused", f"the Raft log refused the change: {err}")
+            await self.core.request(Leave(str(node_id)), timeout=15)
+            log.info("member removed", member=node_id, raft=raft)
+            return {"removed": node_id, "raft": raft, "members": sorted(remaining)}
+
+    async def _transfer(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Hand leadership to ``raft`` (or the most caught-up follower) and wait for it."""
+        target = args.get("raft")
+        if target is not None and not isinstance(target, str):
+            raise AdminError("bad-args", "raft must be a host:port string")
+        self._leader_status()
+        # pysyncobj hands over only to a follower whose log matches the leader's to
+        # the last entry, and the handover fails if the leader appends more before
+        # the target's election: under load, retry a few times.
+        err: str | None = "not tried"
+        for _attempt in range(5):
+            with trio.move_on_after(2):
+                err = "not caught up"
+                while err is not None:
+                    err = await self.core.raft_call(
+                        lambda cb: self.core.log.transfer_leadership(  # type: ignore[union-attr]
+                            target, cb))
+                    if err is not None:
+                        await trio.sleep(0.005)
+            if err is not None:
+                continue
+            with trio.move_on_after(1.5):
+                while self.core.statistics().raft.role == "leader":
+                    await trio.sleep(0.02)
+                while self.core.statistics().raft.leader in (None, self.config.raft):
+                    await trio.sleep(0.02)
+                return {"leader": self.core.statistics().raft.leader}
+        why = err or "the leader was re-elected"
+        raise AdminError("refused", f"leadership did not move ({why}); the target must be "
+                         "connected and caught up")
+
+    async def _drain(self, args: dict[str, Any]) -> dict[str, Any]:
+        left = await self.gateway.drain(float(args.get("timeout", 10)))
+        log.info("drained", connections_left=left)
+        return {"drained": self.config.id, "connections": left}
+
+    async def _undrain(self, _args: dict[str, Any]) -> dict[str, Any]:
+        self.gateway.undrain()
+        return {"undrained": self.config.id}
+
+    async def _retire(self, _args: dict[str, Any]) -> dict[str, Any]:
+        """Stop this node cleanly (after it was removed from the cluster)."""
+        self.stop.set()
+        return {"retiring": self.config.id}
+
     async def _checkpoint(self, args: dict[str, Any]) -> dict[str, Any]:
         """Commit a checkpoint; every replica records its digest at that log position."""
         tag = args.get("tag") or secrets.token_hex(8)
@@ -171,7 +296,9 @@ def node_status(config: NodeConfig, core: Core, gateway: Gateway,
         "connected": list(raft.connected),
         "match_index": raft.match_index,
         "fenced": cs.fenced,
-        "ready": core.ready.is_set() and not cs.fenced,
+        "member": core.member,
+        "drained": gateway.drained,
+        "ready": core.serving() and not gateway.drained,
         "connections": gs.connections,
         "sessions_local": gs.sessions_local,
         "sessions": ts.sessions,

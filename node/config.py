@@ -59,6 +59,7 @@ class NodeConfig:
     batch_max_commands: int = 1000
     batch_max_bytes: int = 512 * 1024
     # Replication
+    join: bool = False  # a new member: serve clients only once an operator added it
     fsync: bool = True
     compaction_entries: int = 20_000  # snapshot the table after this many log entries
     timings: RaftTimings = field(default_factory=RaftTimings)

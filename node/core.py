@@ -231,6 +231,10 @@ class Core:
                     self._handle_failed(*payload)
                 elif kind == "restored":
                     self.restore_sink(payload)
+                elif kind == "call":
+                    event, box, err = payload
+                    box.append(err)
+                    event.set()
             except Exception:  # a bug here must not take the Trio loop down
                 log.exception("handling a replication event failed", kind=kind)
 
@@ -306,6 +310,28 @@ class Core:
                 self.fence_sink(fenced)
             except Exception:
                 log.exception("fence_sink failed")
+
+    async def raft_call(self, start: Callable[[Callable[[str | None], None]], None]
+                        ) -> str | None:
+        """Run a pysyncobj call that reports through a callback (membership changes);
+        returns None on success or pysyncobj's failure reason."""
+        done = trio.Event()
+        box: list[str | None] = []
+
+        def on_done(err: str | None) -> None:
+            self._from_raft_thread("call", (done, box, err))
+
+        start(on_done)
+        await done.wait()
+        return box[0]
+
+    @property
+    def member(self) -> bool:
+        """False while a node started with ``--join`` waits to be added."""
+        return not self.config.join or self.node_id in self.table.joined
+
+    def serving(self) -> bool:
+        return self.ready.is_set() and not self.fenced and self.member
 
     async def wait_fence_changed(self) -> None:
         await self._fence_changed.wait()

@@ -87,6 +87,7 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self.stats = GatewayStats()
         self.closing = False
+        self.drained = False  # an operator moved this node's clients away
         self.address: str | None = None
         core.effect_sink = self.handle_effects
         core.restore_sink = self.handle_restore
@@ -175,6 +176,21 @@ class Gateway:
         for c in list(self.connections):
             c.close("bye", "fenced", "this node cannot reach a majority; reconnect elsewhere",
                     detach=False)
+
+    async def drain(self, timeout: float = 10.0) -> int:
+        """Move every client to other nodes (``bye shutdown``: they resume elsewhere)
+        and refuse new ones until ``undrain``; returns the connections left."""
+        self.drained = True
+        for c in list(self.connections):
+            c.close("bye", "shutdown", "this node is being drained; reconnect elsewhere",
+                    detach=False)
+        with trio.move_on_after(timeout):
+            while self.connections:
+                await trio.sleep(0.02)
+        return len(self.connections)
+
+    def undrain(self) -> None:
+        self.drained = False
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client to move, wait briefly for outboxes to drain."""
@@ -374,10 +390,15 @@ class ClientConnection:
             self.close("error", "shutdown", "the node is shutting down; connect to another node",
                        rid=rid)
             return False
-        if gw.core.fenced:
+        if gw.drained:
+            self.close("error", "shutdown", "this node is drained; connect to another node",
+                       rid=rid)
+            return False
+        if not gw.core.serving():
             gw.stats.rejected_fenced += 1
-            self.close("error", "fenced", "this node cannot reach a majority; connect to "
-                       "another node", rid=rid)
+            why = ("is not a cluster member yet" if not gw.core.member
+                   else "cannot reach a majority")
+            self.close("error", "fenced", f"this node {why}; connect to another node", rid=rid)
             return False
         done = trio.Event()
         now = wall()

@@ -31,15 +31,16 @@ async def run_node(config: NodeConfig, announce: Callable[[dict[str, Any]], None
     core = Core(config, keys.raft_password)
     gateway = Gateway(config, core, keys)
     metrics = NodeMetrics(config.id, core, gateway,
-                          ready=lambda: core.ready.is_set() and not core.fenced)
+                          ready=lambda: core.serving() and not gateway.drained)
     addresses: dict[str, Any] = {"client": None, "raft": config.raft, "admin": None,
                                  "metrics": None}
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(core.run)
             addresses["client"] = await nursery.start(gateway.serve)
+            stop = trio.Event()
             if config.admin is not None:
-                admin = AdminServer(config, core, gateway, keys, addresses)
+                admin = AdminServer(config, core, gateway, keys, addresses, stop)
                 addresses["admin"] = await nursery.start(admin.serve)
             if config.metrics is not None:
                 addresses["metrics"] = await nursery.start(metrics.serve, *config.metrics)
@@ -47,9 +48,14 @@ async def run_node(config: NodeConfig, announce: Callable[[dict[str, Any]], None
             log.info("listening", **{k: v for k, v in info.items() if k not in ("event", "id")})
             announce(info)
             task_status.started(info)
-            async for sig in signals:
-                log.info("stopping", signal=signal.Signals(sig).name)
-                break
+            async def on_signal() -> None:
+                async for sig in signals:
+                    log.info("stopping", signal=signal.Signals(sig).name)
+                    stop.set()
+                    return
+
+            nursery.start_soon(on_signal)
+            await stop.wait()
             await gateway.shutdown()
             await core.leave()
             nursery.cancel_scope.cancel()

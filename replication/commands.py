@@ -241,6 +241,25 @@ class Tick(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Join(Command):
+    """Node ``node`` was added to the Raft cluster by an operator: a node started
+    with ``--join`` serves clients only once this is in its log."""
+
+    op: ClassVar[str] = "join"
+    types: ClassVar[tuple[Any, ...]] = (str,)
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave(Command):
+    """Node ``node`` was removed from the Raft cluster: its sessions are orphaned."""
+
+    op: ClassVar[str] = "leave"
+    types: ClassVar[tuple[Any, ...]] = (str,)
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
 class Checkpoint(Command):
     """Every node records the table's digest at this exact log position, under
     ``tag``: comparing them proves the replicas identical (chaos checker, admin)."""
@@ -276,6 +295,8 @@ COMMANDS: dict[str, type[Command]] = {
         NodeDown,
         Heartbeat,
         Tick,
+        Join,
+        Leave,
         Checkpoint,
         Noop,
     )

@@ -34,6 +34,8 @@ from .commands import (
     Command,
     Detach,
     Heartbeat,
+    Join,
+    Leave,
     Login,
     Logout,
     NodeDown,
@@ -55,9 +57,9 @@ RANK = {"online": 3, "busy": 2, "away": 1}
 MAX_TICK_STEP = 5.0
 """The table's clock advances at most this much per tick, whatever a leader says."""
 
-RECENT_SENDS = 512
-"""How many of a session's latest client message ids are remembered for
-deduplication (the client library keeps fewer sends than this in flight)."""
+RECENT_SENDS = 1024
+"""How many of a user's latest client message ids (over all their sessions) are
+remembered for deduplication; the client library keeps at most 256 in flight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +90,6 @@ class Session:
     attached: bool = True
     orphaned_at: float | None = None
     orphan_reason: str | None = None  # "conn" (connection lost) or "node" (node silent)
-    max_cmid: int = 0
-    recent: dict[int, int] = field(default_factory=dict)  # cmid -> message id
     claim: str = ""  # the last resume attempt that claimed this session
 
 
@@ -114,10 +114,12 @@ class User:
     next_seq: int = 1
     last_seen: float | None = None
     shown: tuple[str, str | None] = ("offline", None)  # last presence announced
+    sent: dict[int, int] = field(default_factory=dict)  # recent cmid -> message id
 
     def is_empty(self) -> bool:
         return not (
             self.sessions or self.allowed or self.subs or self.subscribers or self.mailbox
+            or self.sent
         ) and self.last_seen is None and self.next_seq == 1
 
 
@@ -215,6 +217,7 @@ class SessionTable:
         self.nodes: dict[str, NodeInfo] = {}
         self.by_node: dict[str, set[str]] = {}
         self.orphans: dict[str, None] = {}  # ordered by orphaned_at
+        self.joined: set[str] = set()  # nodes added by an operator (admin add)
         self.stats = TableStats()
         self._dispatch: dict[type[Command], Callable[[Any], tuple[Result, list[Effect]]]] = {
             Login: self._login,
@@ -232,6 +235,8 @@ class SessionTable:
             NodeDown: self._node_down,
             Heartbeat: self._heartbeat,
             Tick: self._tick,
+            Join: self._join,
+            Leave: self._leave,
             Checkpoint: self._checkpoint,
             Noop: self._noop,
         }
@@ -251,7 +256,7 @@ class SessionTable:
             [
                 s.id, s.user, s.node, s.inc, s.epoch, s.resume_hash, s.status, s.text,
                 s.created, s.updated, s.attached, s.orphaned_at, s.orphan_reason,
-                s.max_cmid, [[c, m] for c, m in s.recent.items()], s.claim,
+                s.claim,
             ]
             for s in sorted(self.sessions.values(), key=lambda s: s.id)
         ]
@@ -260,6 +265,7 @@ class SessionTable:
                 u.name, u.last_seen, sorted(u.allowed), sorted(u.subs), u.next_seq,
                 [[m.seq, m.id, m.sender, m.body, m.ts] for m in u.mailbox.values()],
                 [u.shown[0], u.shown[1]],
+                [[c, m] for c, m in u.sent.items()],
             ]
             for u in sorted(self.users.values(), key=lambda u: u.name)
         ]
@@ -277,6 +283,7 @@ class SessionTable:
             "users": users,
             "nodes": nodes,
             "orphans": orphans,
+            "joined": sorted(self.joined),
             "counters": [self.stats.messages_sent, self.stats.messages_acked,
                          self.stats.expired, self.stats.resumed, self.stats.logins,
                          self.stats.presence_updates],
@@ -295,9 +302,10 @@ class SessionTable:
         self.users = {}
         self.by_node = {}
         for row in state["users"]:
-            name, last_seen, allowed, subs, next_seq, mailbox, shown = row
+            name, last_seen, allowed, subs, next_seq, mailbox, shown, sent = row
             u = User(name, allowed=set(allowed), subs=set(subs), next_seq=next_seq,
-                     last_seen=last_seen, shown=(shown[0], shown[1]))
+                     last_seen=last_seen, shown=(shown[0], shown[1]),
+                     sent={c: m for c, m in sent})
             for seq, mid, sender, body, ts in mailbox:
                 u.mailbox[seq] = Message(mid, seq, sender, name, body, ts)
             self.users[name] = u
@@ -306,16 +314,16 @@ class SessionTable:
                 self._user(other).subscribers.add(u.name)
         for row in state["sessions"]:
             (sid, user, node, inc, epoch, rh, status, text, created, updated, attached,
-             orphaned_at, reason, max_cmid, recent, claim) = row
+             orphaned_at, reason, claim) = row
             s = Session(sid, user, node, inc, epoch, rh, status, text, created, updated,
-                        attached, orphaned_at, reason, max_cmid, {c: m for c, m in recent},
-                        claim)
+                        attached, orphaned_at, reason, claim)
             self.sessions[sid] = s
             self._user(user).sessions[sid] = None
             self.by_node.setdefault(node, set()).add(sid)
         self.nodes = {n: NodeInfo(inc, seen, beat, down, list(retired))
                       for n, inc, seen, beat, down, retired in state["nodes"]}
         self.orphans = dict.fromkeys(state["orphans"])
+        self.joined = set(state["joined"])
         st = TableStats()
         (st.messages_sent, st.messages_acked, st.expired, st.resumed, st.logins,
          st.presence_updates) = state["counters"]
@@ -344,14 +352,15 @@ class SessionTable:
         return (status, text, u.last_seen)
 
     def local_sessions(self) -> list[tuple[str, int]]:
-        """(session id, epoch) of the sessions attached to this table's ``local`` node."""
+        """(session id, epoch) of the sessions this table's ``local`` node owns
+        (attached, or orphaned only because the node looked silent)."""
         if self.local is None:
             return []
         node, inc = self.local
         out = []
         for sid in self.by_node.get(node, ()):
             s = self.sessions[sid]
-            if s.inc == inc and s.attached:
+            if s.inc == inc and (s.attached or s.orphan_reason == "node"):
                 out.append((sid, s.epoch))
         return out
 
@@ -635,22 +644,26 @@ class SessionTable:
         s = self._owned(c.session, c.epoch, c.node)
         if isinstance(s, Result):
             return s, []
-        if c.cmid <= s.max_cmid:
-            mid = s.recent.get(c.cmid)
-            return Result(True, {"id": mid, "duplicate": True}), []
+        sender = self.users[s.user]
+        if c.cmid in sender.sent:
+            # A re-sent send (after a failover, or a retried proposal): same id, no effect.
+            return Result(True, {"id": sender.sent[c.cmid], "duplicate": True}), []
+        if c.cmid < 1:
+            return error("invalid", "cmid must be a positive integer"), []
         if not self._valid_name(c.to):
             return error("invalid", "bad recipient name"), []
-        if len(c.body) > self.limits.max_body:
-            return error("too-large", f"message body over {self.limits.max_body} bytes"), []
+        size = len(c.body.encode()) if isinstance(c.body, str) else len(c.body)
+        if size > self.limits.max_body:
+            return error("too-large-body",
+                         f"message body over {self.limits.max_body} bytes"), []
         to = self._user(c.to)
         m = Message(self.next_msg_id, to.next_seq, s.user, c.to, c.body, c.now)
         self.next_msg_id += 1
         to.next_seq += 1
         to.mailbox[m.seq] = m
-        s.max_cmid = c.cmid
-        s.recent[c.cmid] = m.id
-        if len(s.recent) > RECENT_SENDS:
-            del s.recent[next(iter(s.recent))]
+        sender.sent[c.cmid] = m.id
+        if len(sender.sent) > RECENT_SENDS:
+            del sender.sent[next(iter(sender.sent))]
         self.stats.messages_sent += 1
         self.stats.mailbox_messages += 1
         effects: list[Effect] = []
@@ -746,6 +759,21 @@ class SessionTable:
         expired = len(due)
         self.stats.expired += expired
         return Result(True, {"expired": expired}), effects
+
+    def _join(self, c: Join) -> tuple[Result, list[Effect]]:
+        self.joined.add(c.node)
+        return Result(True, {"joined": c.node}), []
+
+    def _leave(self, c: Leave) -> tuple[Result, list[Effect]]:
+        self.joined.discard(c.node)
+        info = self.nodes.get(c.node)
+        if info is not None:
+            info.down = True
+        for sid in sorted(self.by_node.get(c.node, ())):
+            s = self.sessions[sid]
+            if s.attached:
+                self._orphan(s, "conn")
+        return Result(True, {"left": c.node}), []
 
     def _checkpoint(self, c: Checkpoint) -> tuple[Result, list[Effect]]:
         return Result(True, {"checkpoint": c.tag, "digest": self.digest(),

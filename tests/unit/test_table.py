@@ -16,6 +16,8 @@ from replication.commands import (
     Command,
     Detach,
     Heartbeat,
+    Join,
+    Leave,
     Login,
     Logout,
     NodeDown,
@@ -417,42 +419,70 @@ def test_send_dedupe_by_cmid(t: SessionTable) -> None:
     """A resent cmid returns the first id with duplicate=True and changes nothing."""
     login(t, "a1", "alice", node="n2")
     login(t, "b1", "bob")
-    first, _ = send(t, "a1", 5, "bob")
+    first, effects = send(t, "a1", 5, "bob")
+    assert first.value == {"id": 1, "seq": 1} and len(effects) == 1
     digest = t.digest()
     assert send(t, "a1", 5, "bob", "other body") == (
-        Result(True, {"id": first.value["id"], "duplicate": True}), [])  # type: ignore[index]
+        Result(True, {"id": 1, "duplicate": True}), [])
+    assert send(t, "a1", 5, "carol") == (Result(True, {"id": 1, "duplicate": True}), [])
     assert t.digest() == digest
-    # A cmid below the highest one ever sent is a duplicate even if never seen.
-    assert send(t, "a1", 3, "bob") == (Result(True, {"id": None, "duplicate": True}), [])
     assert t.statistics().mailbox_messages == 1
-    assert send(t, "a1", 6, "bob")[0].value == {"id": 2, "seq": 2}
+    # A cmid never used is a new message, below the highest one or not.
+    assert send(t, "a1", 3, "bob")[0].value == {"id": 2, "seq": 2}
+    assert send(t, "a1", 6, "bob")[0].value == {"id": 3, "seq": 3}
 
 
-def test_send_dedupe_survives_resume(t: SessionTable) -> None:
-    """The dedupe memory belongs to the session and follows it to another node."""
+def test_send_dedupe_is_per_user_across_sessions(t: SessionTable) -> None:
+    """The same cmid from another session of the sender is a duplicate (a re-send
+    after failover); from another user it is a new message."""
+    login(t, "a1", "alice")
+    login(t, "a2", "alice", node="n2")
+    login(t, "c1", "carol")
+    assert send(t, "a1", 7, "bob")[0].value == {"id": 1, "seq": 1}
+    assert send(t, "a2", 7, "bob")[0].value == {"id": 1, "duplicate": True}
+    assert send(t, "c1", 7, "bob")[0].value == {"id": 2, "seq": 2}
+
+
+def test_send_dedupe_survives_resume_and_logout(t: SessionTable) -> None:
+    """The dedupe memory belongs to the user: it survives a resume and a new login."""
     login(t, "a1", "alice")
     assert send(t, "a1", 1, "bob")[0].value == {"id": 1, "seq": 1}
     t.apply(Resume("a1", H, "n2", 1, 0, "c1", 2.0))
     assert send(t, "a1", 1, "bob")[0].value == {"id": 1, "duplicate": True}
+    on(t, Logout, "a1", 3.0)
+    login(t, "a9", "alice")
+    assert send(t, "a9", 1, "bob")[0].value == {"id": 1, "duplicate": True}
 
 
 def test_send_dedupe_remembers_recent_sends_only(t: SessionTable) -> None:
-    """Only the latest RECENT_SENDS ids are remembered; older cmids answer id None."""
+    """Only the user's latest RECENT_SENDS cmids are remembered."""
     login(t, "a1", "alice")
     for cmid in range(1, RECENT_SENDS + 2):
         send(t, "a1", cmid, "bob")
-    assert len(t.sessions["a1"].recent) == RECENT_SENDS
-    assert send(t, "a1", 1, "bob")[0].value == {"id": None, "duplicate": True}
+    assert len(t.users["alice"].sent) == RECENT_SENDS
     assert send(t, "a1", 2, "bob")[0].value == {"id": 2, "duplicate": True}
+    assert send(t, "a1", 1, "bob")[0].value == {"id": RECENT_SENDS + 2,
+                                                "seq": RECENT_SENDS + 2}
+
+
+@pytest.mark.parametrize("cmid", [0, -1])
+def test_send_cmid_must_be_positive(t: SessionTable, cmid: int) -> None:
+    """cmid 0 or below is refused."""
+    login(t, "a1", "alice")
+    assert send(t, "a1", cmid, "bob")[0].code == "invalid"
+    assert t.statistics().messages_sent == 0
 
 
 def test_refused_send_does_not_consume_the_cmid(t: SessionTable) -> None:
-    """A too-large or misaddressed send can be retried with the same cmid."""
+    """A too-large or misaddressed send can be retried with the same cmid; the body
+    limit counts UTF-8 bytes."""
     t = SessionTable(local=LOCAL, limits=Limits(max_body=4))
     login(t, "a1", "alice")
-    assert send(t, "a1", 1, "bob", "12345")[0].code == "too-large"
+    assert send(t, "a1", 1, "bob", "12345")[0].code == "too-large-body"
+    assert send(t, "a1", 1, "bob", "ééé")[0].code == "too-large-body"  # 6 bytes
+    assert send(t, "a1", 1, "bob", b"12345")[0].code == "too-large-body"
     assert send(t, "a1", 1, "")[0].code == "invalid"
-    assert send(t, "a1", 1, "bob", "1234")[0].value == {"id": 1, "seq": 1}
+    assert send(t, "a1", 1, "bob", "éé")[0].value == {"id": 1, "seq": 1}
 
 
 def test_send_to_self_is_delivered_locally(t: SessionTable) -> None:
@@ -798,6 +828,42 @@ def test_node_down_orphans_and_heartbeat_does_not_revive(t: SessionTable) -> Non
     assert t.sessions["s1"].attached
 
 
+def test_local_sessions_keep_node_orphans(t: SessionTable) -> None:
+    """Sessions orphaned only because their node looked silent still have their
+    connection there: they stay in local_sessions; connection orphans do not."""
+    t.apply(Heartbeat("n1", 1, 1))
+    login(t, "s1", "alice")
+    login(t, "s2", "bob")
+    on(t, Detach, "s2")
+    tick(t, 5.0, node_timeout=3.0)
+    assert t.sessions["s1"].orphan_reason == "node"
+    assert t.local_sessions() == [("s1", 1)]
+
+
+def test_leave_orphans_the_nodes_sessions(t: SessionTable) -> None:
+    """An operator removing a node orphans all its sessions for good ("conn")."""
+    assert t.apply(Join("n2")) == (Result(True, {"joined": "n2"}), [])
+    assert t.joined == {"n2"}
+    t.apply(Heartbeat("n2", 1, 1))
+    login(t, "s1", "alice", node="n2")
+    login(t, "s2", "bob", node="n1")
+    assert t.apply(Leave("n2")) == (Result(True, {"left": "n2"}), [])
+    assert t.joined == set() and t.nodes["n2"].down
+    assert t.sessions["s1"].orphan_reason == "conn"
+    assert t.sessions["s2"].attached
+    assert t.presence_of("alice")[0] == "online"
+    t.apply(Heartbeat("n2", 1, 2))
+    assert not t.sessions["s1"].attached
+
+
+def test_joined_nodes_are_in_snapshots(t: SessionTable) -> None:
+    """The set of joined nodes survives a snapshot/restore."""
+    t.apply(Join("n3"))
+    r = SessionTable()
+    r.restore(t.snapshot())
+    assert r.joined == {"n3"} and r.digest() == t.digest()
+
+
 def test_noop_changes_nothing(t: SessionTable) -> None:
     """Noop succeeds without effects or state change."""
     login(t, "s1", "alice")
@@ -865,6 +931,8 @@ def random_command(rng: random.Random, ref: SessionTable, step: int) -> Command:
             Heartbeat(n := rng.choice(NODES), incarnation(n), step),
             NodeUp(n2 := rng.choice(NODES), incarnation(n2) + rng.choice([0, 1])),
             NodeDown(n3 := rng.choice(NODES), incarnation(n3)),
+            Join(rng.choice(NODES)),
+            Leave(rng.choice(NODES)),
             Noop(),
         ])
     sid = rng.choice(sids)
@@ -895,7 +963,8 @@ def random_command(rng: random.Random, ref: SessionTable, step: int) -> Command:
     if kind == 6:
         return Unsubscribe(sid, epoch, node, other)
     if kind == 7:
-        cmid = s.max_cmid + 1 if rng.random() < 0.8 else max(1, s.max_cmid)
+        sent = list(ref.users[s.user].sent)
+        cmid = rng.choice(sent) if sent and rng.random() < 0.2 else max(sent, default=0) + 1
         return Send(sid, epoch, node, cmid, other, f"m{step}", now)
     mailbox = list(ref.users[s.user].mailbox)
     return Ack(sid, epoch, node, [*rng.sample(mailbox, min(len(mailbox), 2)), 999])

@@ -23,6 +23,8 @@ from replication.commands import (
     Command,
     Detach,
     Heartbeat,
+    Join,
+    Leave,
     Login,
     Logout,
     NodeDown,
@@ -77,8 +79,6 @@ class MSession:
     orphaned_at: float | None = None
     reason: str | None = None
     claim: str = ""
-    max_cmid: int = 0
-    recent: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +103,8 @@ def norm(effects: list[Effect]) -> list[Any]:
 
 
 class TableMachine(RuleBasedStateMachine):
+    """Random commands against several replicas and a model of what they must do."""
+
     def __init__(self) -> None:
         super().__init__()
         self.replicas = [SessionTable(local=loc) for loc in LOCALS]
@@ -115,6 +117,9 @@ class TableMachine(RuleBasedStateMachine):
         self.allowed: dict[str, set[str]] = {}
         self.subs: dict[str, set[str]] = {}
         self.mailbox: dict[str, dict[int, int]] = {}  # user -> seq -> message id
+        self.sent_by: dict[str, dict[int, int]] = {}  # user -> cmid -> message id
+        self.cmids = 0
+        self.joined: set[str] = set()
         self.next_seq: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
         self.next_id = 1
@@ -179,6 +184,7 @@ class TableMachine(RuleBasedStateMachine):
     # --- model helpers ----------------------------------------------------------------
 
     def aggregate(self, user: str) -> tuple[str, str | None]:
+        """The model's presence: best rank, then latest update, then session id."""
         mine = [(RANK[s.status], s.updated, sid, s) for sid, s in self.sessions.items()
                 if s.user == user]
         if not mine:
@@ -192,6 +198,7 @@ class TableMachine(RuleBasedStateMachine):
         return live[i % len(live)] if live and i < 90 else SIDS[i % len(SIDS)]
 
     def route(self, sid: str, how: str) -> tuple[int, str]:
+        """Epoch and node for a session command: right, or deliberately stale."""
         s = self.sessions.get(sid)
         epoch, node = (s.epoch, s.node) if s else (1, "n1")
         if how == "old-epoch":
@@ -220,6 +227,7 @@ class TableMachine(RuleBasedStateMachine):
             self.last_seen[s.user] = now
 
     def watchers_local(self, subject: str, loc: tuple[str, int]) -> list[str]:
+        """Sessions at ``loc`` of users subscribed to and allowed by ``subject``."""
         return sorted(sid for sid, s in self.sessions.items()
                       if subject in self.subs.get(s.user, set())
                       and s.user in self.allowed.get(subject, set())
@@ -245,6 +253,7 @@ class TableMachine(RuleBasedStateMachine):
           stale_inc=st.booleans())
     def login(self, sid: str, user: str, node: str, status: str, text: str | None, now: float,
               stale_inc: bool) -> None:
+        """A new session (or a retried/conflicting login); its owner gets the mailbox."""
         info = self.nodes.get(node)
         inc = info.retired[-1] if stale_inc and info and info.retired else self.incs[node]
         before = self.aggregate(user)
@@ -271,6 +280,7 @@ class TableMachine(RuleBasedStateMachine):
         ["same", "new", "new", "empty"]), last_seq=st.integers(0, 4), now=times)
     def resume(self, pick: int, node: str, token_ok: int, claim: str, last_seq: int,
                now: float) -> None:
+        """Claim a session (bad token, retried claim, or a real move)."""
         sid = self.pick(pick)
         s = self.sessions.get(sid)
         if claim == "same" and s is not None:
@@ -313,6 +323,7 @@ class TableMachine(RuleBasedStateMachine):
     @live
     @rule(pick=picks, how=routes)
     def detach(self, pick: int, how: str) -> None:
+        """Lose a connection: the session is orphaned, nobody is told."""
         sid = self.pick(pick)
         epoch, node = self.route(sid, how)
         before = {u: self.aggregate(u) for u in USERS}
@@ -330,6 +341,7 @@ class TableMachine(RuleBasedStateMachine):
     @live
     @rule(pick=picks, how=routes, now=times)
     def logout(self, pick: int, how: str, now: float) -> None:
+        """End a session; the last one takes the user offline."""
         sid = self.pick(pick)
         epoch, node = self.route(sid, how)
         user = self.sessions[sid].user if sid in self.sessions else None
@@ -351,6 +363,7 @@ class TableMachine(RuleBasedStateMachine):
     @rule(pick=picks, how=routes, status=statuses, text=texts, now=times)
     def set_presence(self, pick: int, how: str, status: str, text: str | None,
                      now: float) -> None:
+        """Change one session's status; watchers hear of aggregate changes."""
         sid = self.pick(pick)
         epoch, node = self.route(sid, how)
         user = self.sessions[sid].user if sid in self.sessions else None
@@ -363,6 +376,7 @@ class TableMachine(RuleBasedStateMachine):
             self.check_announce(user, before, effects)
 
     def visibility(self, cls: type[Command], sid: str, how: str, other: str) -> Result | None:
+        """Allow, revoke, subscribe or unsubscribe, and check who is told."""
         epoch, node = self.route(sid, how)
         result, effects = self.apply(cls(sid, epoch, node, other))  # type: ignore[call-arg]
         if not self.expect_owned(sid, epoch, node, result):
@@ -410,18 +424,21 @@ class TableMachine(RuleBasedStateMachine):
     @live
     @rule(pick=picks, how=routes, other=users)
     def allow(self, pick: int, how: str, other: str) -> None:
+        """Let another user see my presence."""
         sid = self.pick(pick)
         self.visibility(Allow, sid, how, other)
 
     @live
     @rule(pick=picks, how=routes, other=users)
     def revoke(self, pick: int, how: str, other: str) -> None:
+        """Stop letting another user see my presence."""
         sid = self.pick(pick)
         self.visibility(Revoke, sid, how, other)
 
     @live
     @rule(pick=picks, how=routes, other=users)
     def subscribe(self, pick: int, how: str, other: str) -> None:
+        """Ask for another user's presence."""
         sid = self.pick(pick)
         result = self.visibility(Subscribe, sid, how, other)
         if result is not None:
@@ -431,6 +448,7 @@ class TableMachine(RuleBasedStateMachine):
     @live
     @rule(pick=picks, how=routes, other=users)
     def unsubscribe(self, pick: int, how: str, other: str) -> None:
+        """Stop asking for another user's presence."""
         sid = self.pick(pick)
         self.visibility(Unsubscribe, sid, how, other)
 
@@ -440,25 +458,38 @@ class TableMachine(RuleBasedStateMachine):
     @rule(pick=picks, how=routes, to=st.sampled_from([*USERS, "zed"]), dup=st.integers(0, 4),
           now=times)
     def send(self, pick: int, how: str, to: str, dup: int, now: float) -> None:
+        """Send a new message; or resend a cmid the sender used (from any of their
+        sessions: a duplicate), one another user used (not one), or cmid 0 (invalid)."""
         sid = self.pick(pick)
         epoch, node = self.route(sid, how)
         s = self.sessions.get(sid)
-        cmid = (s.max_cmid + 1 if dup or s.max_cmid == 0 else s.max_cmid) if s else 1
-        if s and dup == 1 and s.max_cmid > 1:
-            cmid = s.max_cmid - 1  # an older cmid: a duplicate too
+        mine = self.sent_by.get(s.user, {}) if s else {}
+        others = sorted(c for u, d in self.sent_by.items() if s and u != s.user for c in d)
+        if dup == 0 and mine:
+            cmid = sorted(mine)[-1]
+        elif dup == 1 and others:
+            cmid = others[0] if others[0] not in mine else 0
+        elif dup == 2:
+            cmid = 0
+        else:
+            self.cmids += 1
+            cmid = self.cmids
         result, effects = self.apply(Send(sid, epoch, node, cmid, to, f"b{cmid}", now))
         if not self.expect_owned(sid, epoch, node, result):
             return
         assert s is not None
-        if cmid <= s.max_cmid:
-            assert result == Result(True, {"id": s.recent.get(cmid), "duplicate": True})
+        if cmid in mine:
+            assert result == Result(True, {"id": mine[cmid], "duplicate": True})
+            assert effects == [[]] * len(LOCALS)
+            return
+        if cmid < 1:
+            assert result.code == "invalid"
             assert effects == [[]] * len(LOCALS)
             return
         seq = self.next_seq.get(to, 1)
         assert result == Result(True, {"id": self.next_id, "seq": seq})
         self.mailbox.setdefault(to, {})[seq] = self.next_id
-        s.recent[cmid] = self.next_id
-        s.max_cmid = cmid
+        self.sent_by.setdefault(s.user, {})[cmid] = self.next_id
         self.next_seq[to] = seq + 1
         self.next_id += 1
         self.sent += 1
@@ -476,6 +507,7 @@ class TableMachine(RuleBasedStateMachine):
     @live
     @rule(pick=picks, how=routes, data=st.data())
     def ack(self, pick: int, how: str, data: st.DataObject) -> None:
+        """Acknowledge some mailbox seqs (and some that do not exist)."""
         sid = self.pick(pick)
         epoch, node = self.route(sid, how)
         s = self.sessions.get(sid)
@@ -495,6 +527,7 @@ class TableMachine(RuleBasedStateMachine):
     # --- cluster housekeeping ---------------------------------------------------------
 
     def node_up_model(self, node: str, inc: int) -> None:
+        """The model's NodeUp: a new incarnation orphans the older one's sessions."""
         info = self.nodes.get(node)
         if info is not None and (info.inc == inc or inc in info.retired):
             return
@@ -504,7 +537,8 @@ class TableMachine(RuleBasedStateMachine):
             if s.node == node and s.inc != inc and s.attached:
                 self.orphan(s, "conn")
 
-    @rule(kind=st.sampled_from(["beat"] * 3 + ["revive"] * 2 + ["up", "down", "down-other"]),
+    @rule(kind=st.sampled_from(["beat"] * 3 + ["revive"] * 2
+                               + ["up", "down", "down-other", "join", "leave"]),
           node=st.sampled_from(["n1", "n1", "n2", "n3"]), retired=st.integers(0, 4),
           beat=st.integers(0, 100))
     def node_event(self, kind: str, node: str, retired: int, beat: int) -> None:
@@ -514,10 +548,27 @@ class TableMachine(RuleBasedStateMachine):
             node = next((n for n in sorted(self.nodes) if self.nodes[n].down), node)
         if kind in ("beat", "revive"):
             self.heartbeat(node, retired, beat)
+        elif kind in ("join", "leave"):
+            self.join_or_leave(node, kind == "join")
         elif kind == "up":
             self.node_up(node)
         else:
             self.node_down(node, kind == "down")
+
+    def join_or_leave(self, node: str, join: bool) -> None:
+        """An operator adds a node, or removes one: its sessions are orphaned."""
+        result, effects = self.apply(Join(node) if join else Leave(node))
+        assert result == Result(True, {"joined" if join else "left": node})
+        assert effects == [[]] * len(LOCALS)
+        if join:
+            self.joined.add(node)
+            return
+        self.joined.discard(node)
+        if node in self.nodes:
+            self.nodes[node].down = True
+        for s in self.sessions.values():
+            if s.node == node and s.attached:
+                self.orphan(s, "conn")
 
     def node_up(self, node: str) -> None:
         """Node restarts with a new incarnation (n1 may reach incarnation 2, 3, ...)."""
@@ -527,6 +578,7 @@ class TableMachine(RuleBasedStateMachine):
         self.node_up_model(node, self.incs[node])
 
     def node_down(self, node: str, current: bool) -> None:
+        """A clean shutdown of the current (or of another) incarnation."""
         inc = self.incs[node] if current else self.incs[node] + 7
         result, effects = self.apply(NodeDown(node, inc))
         assert result == Result(True, {}) and effects == [[]] * len(LOCALS)
@@ -539,6 +591,7 @@ class TableMachine(RuleBasedStateMachine):
                 self.orphan(s, "conn")
 
     def heartbeat(self, node: str, retired: int, beat: int) -> None:
+        """A node's heartbeat; re-attaches what its silence orphaned."""
         info = self.nodes.get(node)
         inc = self.incs[node]
         if retired == 0 and info and info.retired:
@@ -563,6 +616,7 @@ class TableMachine(RuleBasedStateMachine):
           grace=st.sampled_from([2.0, 6.0, 15.0]), node_timeout=st.sampled_from([3.0, 8.0]),
           now=st.floats(0.0, 100.0))
     def tick(self, elapsed: float, grace: float, node_timeout: float, now: float) -> None:
+        """The leader's clock: silent nodes' sessions are orphaned, old orphans expire."""
         result, effects = self.apply(Tick(now, elapsed, grace, node_timeout))
         self.clock += min(elapsed if elapsed > 0 else 0.0, MAX_TICK_STEP)
         self.wall = max(self.wall, now)
@@ -595,12 +649,14 @@ class TableMachine(RuleBasedStateMachine):
 
     @invariant()
     def replicas_agree(self) -> None:
+        """Every replica, and the restored twin, has the same digest."""
         digests = {r.digest() for r in self.replicas}
         assert len(digests) == 1
         assert self.twin.digest() in digests
 
     @invariant()
     def snapshot_round_trips(self) -> None:
+        """snapshot → restore → snapshot gives the same bytes and statistics."""
         fresh = SessionTable()
         data = self.main.snapshot()
         fresh.restore(data)
@@ -610,6 +666,7 @@ class TableMachine(RuleBasedStateMachine):
 
     @invariant()
     def mailbox_accounting(self) -> None:
+        """Mailbox counters are exact and mailboxes match the model."""
         st_ = self.main.statistics()
         in_boxes = sum(len(u.mailbox) for u in self.main.users.values())
         assert st_.mailbox_messages == in_boxes == self.sent - self.acked
@@ -621,12 +678,13 @@ class TableMachine(RuleBasedStateMachine):
 
     @invariant()
     def sessions_match_the_model(self) -> None:
+        """Sessions, orphans, counters and local sessions match the model."""
         t = self.main
         assert set(t.sessions) == set(self.sessions)
         for sid, m in self.sessions.items():
             s = t.sessions[sid]
-            assert (s.user, s.node, s.inc, s.epoch, s.attached, s.orphan_reason, s.max_cmid) == (
-                m.user, m.node, m.inc, m.epoch, m.attached, m.reason, m.max_cmid)
+            assert (s.user, s.node, s.inc, s.epoch, s.attached, s.orphan_reason) == (
+                m.user, m.node, m.inc, m.epoch, m.attached, m.reason)
         st_ = t.statistics()
         assert st_.orphaned == sum(not m.attached for m in self.sessions.values())
         assert set(t.orphans) == {sid for sid, m in self.sessions.items() if not m.attached}
@@ -634,11 +692,16 @@ class TableMachine(RuleBasedStateMachine):
                                                           self.expired)
         for loc, r in zip(LOCALS, self.replicas, strict=True):
             expected = sorted((sid, m.epoch) for sid, m in self.sessions.items()
-                              if loc is not None and (m.node, m.inc) == loc and m.attached)
+                              if loc is not None and (m.node, m.inc) == loc
+                              and (m.attached or m.reason == "node"))
             assert sorted(r.local_sessions()) == expected
+        for user, sent in self.sent_by.items():
+            assert t.users[user].sent == sent
+        assert t.joined == self.joined
 
     @invariant()
     def presence_is_consistent(self) -> None:
+        """Each user shows the aggregate of their sessions (offline iff none)."""
         t = self.main
         for user in {*USERS, *t.users}:
             status, text, last_seen = t.presence_of(user)
@@ -652,6 +715,7 @@ class TableMachine(RuleBasedStateMachine):
 
     @invariant()
     def visibility_matches_the_model(self) -> None:
+        """allowed/subs/subscribers match the model."""
         for name, u in self.main.users.items():
             assert u.allowed == self.allowed.get(name, set())
             assert u.subs == self.subs.get(name, set())
