@@ -37,7 +37,7 @@ class Nemesis:
         self.counts: dict[str, int] = {}
 
     def nodes(self) -> list[str]:
-        return [s.id for s in self.c.specs]
+        return [s.id for s in self.c.members()]
 
     async def leader(self) -> str | None:
         return await trio.to_thread.run_sync(self.c.leader)
@@ -172,7 +172,7 @@ class Nemesis:
             self.paused.clear()
             for path in self.clock_files.values():
                 path.write_text("+0\n")
-            for spec in self.c.specs:
+            for spec in self.c.members():
                 np = self.c.procs.get(spec.id)
                 if np is None or not np.alive():
                     await self._restart(spec.id)

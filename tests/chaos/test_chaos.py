@@ -27,15 +27,16 @@ def _verdict(report: dict) -> str:
     return f"{summary}\nfolder: {report['out']}\nreplay: {report['replay']}"
 
 
-@pytest.mark.parametrize(("faults", "seed"), [
-    ("kill", 11),
-    ("pause", 12),
-    ("partition", 13),
-    ("loss", 14),
-    ("clock", 15),
+@pytest.mark.parametrize(("faults", "seed", "duration"), [
+    ("kill", 11, 24),
+    ("pause", 12, 24),
+    ("partition", 13, 24),
+    ("loss", 14, 24),
+    ("clock", 15, 24),
+    ("member", 5, 30),
 ])
-async def test_fault_kind(tmp_path: Path, faults: str, seed: int) -> None:
-    opts = ChaosOptions(nodes=3, duration=24, faults=[faults], seed=seed,
+async def test_fault_kind(tmp_path: Path, faults: str, seed: int, duration: float) -> None:
+    opts = ChaosOptions(nodes=3, duration=duration, faults=[faults], seed=seed,
                         out=tmp_path / "run", converge_bound=12)
     with trio.fail_after(240):
         report = await run_chaos(opts)
@@ -46,8 +47,8 @@ async def test_fault_kind(tmp_path: Path, faults: str, seed: int) -> None:
 
 async def test_five_nodes_all_faults(tmp_path: Path) -> None:
     opts = ChaosOptions(nodes=5, duration=40, faults=["kill", "pause", "partition", "loss",
-                                                      "clock"], seed=21, out=tmp_path / "run",
-                        converge_bound=12)
+                                                      "clock", "member"], seed=21,
+                        out=tmp_path / "run", converge_bound=12)
     with trio.fail_after(300):
         report = await run_chaos(opts)
     assert report["valid"], _verdict(report)
