@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import anyio
 
@@ -111,12 +111,13 @@ class Chat:
 
 
 async def run_chat(nodes: Sequence[str], user: str, token: str, ordered: bool = False,
-                   inp: TextIO | None = None, out: TextIO | None = None) -> int:
+                   tls: Any = False, inp: TextIO | None = None,
+                   out: TextIO | None = None) -> int:
     inp = inp or sys.stdin
     out = out or sys.stdout
     try:
         async with connect(nodes, user=user, token=token, ordered=ordered,
-                           connection_events=True) as s:
+                           connection_events=True, tls=tls) as s:
             chat = Chat(s, out)
             chat.say(f"logged in as {user} on node {s.node_id} ({s.node}); /help for commands")
             async with anyio.create_task_group() as tg:

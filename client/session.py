@@ -16,6 +16,7 @@ See docs/client.md.
 from __future__ import annotations
 
 import random
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -107,7 +108,7 @@ RETRYABLE = {"unavailable", "overloaded", "internal"}
 """Request errors the library retries itself (the request is idempotent)."""
 MOVE_ON = {"fenced", "shutdown", "reconnect"}
 """Request errors that mean: this node cannot serve; resume on another one."""
-FATAL_LOGIN = {"invalid", "bad-field", "unknown-type", "bad-frame", "too-large"}
+FATAL_LOGIN = {"invalid", "bad-field", "unknown-type", "bad-frame", "too-large", "limit"}
 """Login errors that no other node would answer differently."""
 SEND_WINDOW = 256  # sends in flight; the cluster remembers the last 512 per session
 SEEN_IDS = 8192
@@ -161,7 +162,7 @@ class Session:
     def __init__(self, nodes: Sequence[str], user: str, token: str, *, ordered: bool,
                  status: str, text: str | None, connect_timeout: float,
                  max_backoff: float, request_timeout: float, connection_events: bool,
-                 give_up_after: float):
+                 give_up_after: float, tls: bool | ssl.SSLContext = False):
         if not nodes:
             raise ValueError("connect() needs at least one node address")
         self.nodes = list(nodes)
@@ -175,6 +176,11 @@ class Session:
         self._request_timeout = request_timeout
         self._connection_events = connection_events
         self._give_up_after = give_up_after
+        self._ssl: ssl.SSLContext | None = None
+        if isinstance(tls, ssl.SSLContext):
+            self._ssl = tls
+        elif tls:
+            self._ssl = ssl.create_default_context()
         self.session_id: str | None = None
         self.node: str | None = None  # host:port of the current connection
         self.node_id: str | None = None  # the id of the node serving this session
@@ -201,6 +207,7 @@ class Session:
         self._closing = False
         self._stopped = anyio.Event()
         self._failure: BaseException | None = None
+        self._last_connect_error = ""
         self._tg: anyio.abc.TaskGroup | None = None
 
     # --- the application's API ---------------------------------------------------------
@@ -376,8 +383,14 @@ class Session:
         host, port = _split(addr)
         try:
             with anyio.fail_after(self._connect_timeout):
-                stream = await anyio.connect_tcp(host, port)
-        except (OSError, TimeoutError):
+                if self._ssl is not None:
+                    stream: anyio.abc.ByteStream = await anyio.connect_tcp(
+                        host, port, ssl_context=self._ssl, tls_hostname=host,
+                        tls_standard_compatible=False)
+                else:
+                    stream = await anyio.connect_tcp(host, port)
+        except (OSError, TimeoutError, anyio.BrokenResourceError, ssl.SSLError) as e:
+            self._last_connect_error = f"{addr}: {e}"
             return None
         self._conn_number += 1
         return _Conn(self._conn_number, addr, stream)
@@ -415,7 +428,7 @@ class Session:
             for addr in self._candidates(avoid):
                 conn = await self._open(addr)
                 if conn is None:
-                    last_error = f"{addr} unreachable"
+                    last_error = self._last_connect_error or f"{addr} unreachable"
                     continue
                 try:
                     ok = await self._handshake(conn)
@@ -590,6 +603,7 @@ async def connect(
     connection_events: bool = False,
     give_up_after: float = 60.0,
     logout: bool = True,
+    tls: bool | ssl.SSLContext = False,
 ) -> AsyncIterator[Session]:
     """Log in to one of ``nodes`` (``host:port`` strings, or one comma-separated string).
 
@@ -597,14 +611,16 @@ async def connect(
     cluster; ``ordered=True`` tries them in the order given. Leaving the
     context logs out (contacts see you go offline if it was your last session);
     with ``logout=False`` it just disconnects, and the session waits for the
-    grace window like after a crash.
+    grace window like after a crash. ``tls=True`` connects with TLS and verifies
+    the nodes' certificates against the system's CAs; pass an ``ssl.SSLContext``
+    to choose (e.g. ``ssl.create_default_context(cafile=...)``).
     """
     if isinstance(nodes, str):
         nodes = [n.strip() for n in nodes.split(",") if n.strip()]
     session = Session(nodes, user, token, ordered=ordered, status=status, text=text,
                       connect_timeout=connect_timeout, max_backoff=max_backoff,
                       request_timeout=request_timeout, connection_events=connection_events,
-                      give_up_after=give_up_after)
+                      give_up_after=give_up_after, tls=tls)
     first = await session._establish(None)  # errors here reach the caller as they are
     try:
         async with anyio.create_task_group() as tg:

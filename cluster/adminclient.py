@@ -24,7 +24,8 @@ def admin_call(addr: str, keys: Keys, cmd: str, args: dict[str, Any] | None = No
                timeout: float = 5.0) -> dict[str, Any]:
     """Send one admin request to ``addr`` (host:port) and return its result."""
     host, port = parse_addr(addr, "admin address")
-    frame: dict[str, Any] = {"type": "admin", "token": issue_admin_token(keys), "cmd": cmd}
+    frame: dict[str, Any] = {"type": "admin", "token": issue_admin_token(keys, cmd),
+                             "cmd": cmd}
     if args:
         frame["args"] = args
     try:

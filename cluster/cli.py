@@ -87,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--client-heartbeat", type=_positive, default=10.0,
                     help="clients ping at least this often, seconds (default 10)")
     nd.add_argument("--no-fsync", action="store_true", help="do not fsync the Raft journal")
+    nd.add_argument("--tls-cert", type=Path, help="PEM certificate chain for the client port")
+    nd.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    nd.add_argument("--insecure-no-secret", action="store_true",
+                    help="INSECURE: run without a cluster secret (unauthenticated Raft "
+                    "traffic; local experiments only)")
+    nd.add_argument("--sessions-per-user", type=int, default=16, help="default 16 (0: no limit)")
+    nd.add_argument("--allow-list-limit", type=int, default=5000, help="default 5000")
+    nd.add_argument("--subscription-limit", type=int, default=5000, help="default 5000")
+    nd.add_argument("--mailbox-limit", type=int, default=10_000,
+                    help="unacknowledged messages per user (default 10000)")
+    nd.add_argument("--frame-rate", type=_positive, default=500.0,
+                    help="frames per second per connection (default 500, bursts of twice that)")
+    nd.add_argument("--failed-logins", type=int, default=20,
+                    help="failed logins per source address per minute (default 20)")
+    nd.add_argument("--max-connections", type=int, default=19_000,
+                    help="client connections per node (default 19000)")
+    nd.add_argument("--login-deadline", type=_positive, default=5.0,
+                    help="seconds a new connection has to log in (default 5)")
+    nd.add_argument("--max-frame", type=int, default=256 * 1024,
+                    help="largest client frame in bytes (default 262144)")
     nd.add_argument("--join", action="store_true",
                     help="a new member: serve clients only after `switchboard admin add`")
     nd.add_argument("--compaction-entries", type=int, default=20_000,
@@ -106,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--user", required=True)
     ch.add_argument("--token", required=True)
     ch.add_argument("--ordered", action="store_true", help="try the nodes in the order given")
+    ch.add_argument("--tls", action="store_true", help="connect with TLS (verified)")
+    ch.add_argument("--ca-file", type=Path, help="CA certificate to verify the nodes with")
 
     cx = sub.add_parser("chaos", help="run a chaos test: faults, workload, checkers (root)")
     cx.add_argument("--nodes", type=int, default=3, help="3 to 7 (default 3)")
@@ -186,7 +208,21 @@ def cmd_node(args: argparse.Namespace) -> int:
         admin = parse_addr(args.admin, "--admin address") if args.admin else None
         metrics = parse_addr(args.metrics, "--metrics address") if args.metrics else None
         secret_file = args.secret_file or args.data_dir / "secret"
-        read_secret(secret_file)
+        if args.insecure_no_secret:
+            secret_file = None
+            sys.stderr.write(f"{PROG}: WARNING: --insecure-no-secret: Raft traffic is neither "
+                             "authenticated nor encrypted and tokens can be forged\n")
+        else:
+            try:
+                read_secret(secret_file)
+            except SecretError as e:
+                raise SecretError(f"{e} (a cluster needs its secret; --insecure-no-secret "
+                                  "runs without one, for local experiments only)") from None
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        for path in (args.tls_cert, args.tls_key):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"cannot read {path}")
         _check_bindable(args.raft, "--raft")
     except (ConfigError, SecretError) as e:
         return _fail(str(e))
@@ -196,7 +232,13 @@ def cmd_node(args: argparse.Namespace) -> int:
         node_timeout=args.node_timeout, fence_after=args.fence_after,
         client_heartbeat=args.client_heartbeat, fsync=not args.no_fsync,
         compaction_entries=max(50, args.compaction_entries), log_format=args.log_format,
-        join=args.join,
+        join=args.join, insecure=args.insecure_no_secret, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, sessions_per_user=args.sessions_per_user,
+        allow_list=args.allow_list_limit, subscriptions=args.subscription_limit,
+        mailbox=args.mailbox_limit, frame_rate=args.frame_rate,
+        frame_burst=max(1, int(args.frame_rate * 2)), failed_logins=args.failed_logins,
+        max_connections=args.max_connections, login_deadline=args.login_deadline,
+        max_frame=args.max_frame,
     )
     logs.configure(args.id, args.log_format, getattr(logging, args.log_level.upper()))
 
@@ -332,7 +374,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return _fail(str(e))
     if not nodes:
         return _fail("--nodes needs at least one host:port")
-    return int(anyio.run(run_chat, nodes, args.user, args.token, args.ordered))
+    tls: Any = False
+    if args.tls or args.ca_file:
+        import ssl
+
+        tls = ssl.create_default_context(cafile=str(args.ca_file) if args.ca_file else None)
+    return int(anyio.run(run_chat, nodes, args.user, args.token, args.ordered, tls))
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

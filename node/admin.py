@@ -46,20 +46,46 @@ class AdminError(Exception):
         self.reason = reason
 
 
-def issue_admin_token(keys: Keys, ttl: float = 60.0) -> str:
+def issue_admin_token(keys: Keys, cmd: str, ttl: float = 30.0) -> str:
+    """A single-use token for one admin command: ``jti`` is a nonce the node
+    remembers, ``cmd`` binds it to the command, so a captured request cannot be
+    replayed or turned into another command."""
     now = time.time()
-    return jwt.encode({"sub": "admin", "iat": int(now), "exp": int(now + ttl)}, keys.admin,
-                      algorithm="HS256")
+    return jwt.encode({"sub": "admin", "cmd": cmd, "jti": secrets.token_hex(16),
+                       "iat": int(now), "exp": int(now + ttl)}, keys.admin, algorithm="HS256")
 
 
-def verify_admin_token(keys: Keys, token: str) -> None:
+class _Nonces:
+    """Admin token ids seen within their lifetime (replay protection)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+
+    def use(self, jti: str, exp: float) -> bool:
+        now = time.time()
+        if len(self.seen) > 10_000:
+            self.seen = {k: v for k, v in self.seen.items() if v > now}
+        if jti in self.seen:
+            return False
+        self.seen[jti] = exp + 10
+        return True
+
+
+_nonces = _Nonces()
+
+
+def verify_admin_token(keys: Keys, token: str, cmd: str) -> None:
     try:
         claims = jwt.decode(token, keys.admin, algorithms=["HS256"], leeway=5,
-                            options={"require": ["sub", "exp"]})
+                            options={"require": ["sub", "exp", "jti", "cmd"]})
     except jwt.InvalidTokenError as e:
         raise AdminError("auth-failed", f"admin token refused: {e}") from None
     if claims.get("sub") != "admin":
         raise AdminError("auth-failed", "not an admin token")
+    if claims.get("cmd") != cmd:
+        raise AdminError("auth-failed", "the admin token is for another command")
+    if not _nonces.use(str(claims["jti"]), float(claims["exp"])):
+        raise AdminError("auth-failed", "the admin token was already used (replay)")
 
 
 class AdminServer:
@@ -122,7 +148,7 @@ class AdminServer:
 
     async def _answer(self, frame: dict[str, Any]) -> dict[str, Any]:
         try:
-            verify_admin_token(self.keys, frame["token"])
+            verify_admin_token(self.keys, frame["token"], frame["cmd"])
             handler = self.handlers.get(frame["cmd"])
             if handler is None:
                 raise AdminError("unknown-command", f"unknown admin command {frame['cmd']!r}")
@@ -307,6 +333,8 @@ def node_status(config: NodeConfig, core: Core, gateway: Gateway,
         "mailbox": ts.mailbox_messages,
         "uptime": round(time.monotonic() - started, 1),
         "incarnation": core.inc,
+        "insecure": config.insecure,
+        "tls": config.tls_cert is not None,
     }
 
 

@@ -33,7 +33,7 @@ class AuthError(Exception):
 @dataclass(frozen=True)
 class Keys:
     token: bytes
-    raft_password: str
+    raft_password: str | None  # None only with --insecure-no-secret
     admin: bytes
 
     @classmethod
@@ -43,6 +43,13 @@ class Keys:
 
         return cls(token=derive(b"token"), raft_password=derive(b"raft").hex(),
                    admin=derive(b"admin"))
+
+    @classmethod
+    def insecure(cls) -> Keys:
+        """No cluster secret (--insecure-no-secret): Raft traffic is unauthenticated
+        and unencrypted, and the token and admin keys are public knowledge."""
+        k = cls.from_secret(b"switchboard-insecure-no-secret")
+        return cls(token=k.token, raft_password=None, admin=k.admin)
 
 
 def create_secret_file(path: Path) -> bool:

@@ -38,7 +38,7 @@ class NodeConfig:
     raft: str  # host:port, this node's Raft identity
     peers: tuple[str, ...]  # other members' Raft host:port
     data_dir: Path
-    secret_file: Path
+    secret_file: Path | None  # None only with insecure=True
     admin: tuple[str, int] | None = None
     metrics: tuple[str, int] | None = None
     # Sessions and failure handling
@@ -50,7 +50,17 @@ class NodeConfig:
     client_heartbeat: float = 10.0  # clients ping at least this often
     login_deadline: float = 5.0  # a connection must log in within this
     commit_timeout: float = 10.0  # a request not committed by then answers 'unavailable'
-    # Limits
+    # Limits (per-user ones are replicated: the leader's values apply everywhere)
+    sessions_per_user: int = 16
+    allow_list: int = 5000
+    subscriptions: int = 5000
+    mailbox: int = 10_000  # unacknowledged messages per user; a full mailbox refuses sends
+    frame_rate: float = 500.0  # frames per second per connection (token bucket)
+    frame_burst: int = 1000
+    failed_logins: int = 20  # failed logins per source address per minute before refusing
+    # TLS on the client listener (both or neither)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     max_frame: int = 256 * 1024
     max_inflight: int = 512  # requests per connection awaiting commit
     outbox_limit: int = 8 * 1024 * 1024  # bytes queued to a slow client before it is dropped
@@ -64,3 +74,4 @@ class NodeConfig:
     compaction_entries: int = 20_000  # snapshot the table after this many log entries
     timings: RaftTimings = field(default_factory=RaftTimings)
     log_format: str = "kv"  # kv or json
+    insecure: bool = False  # no cluster secret: unauthenticated Raft traffic (tests only)

@@ -31,9 +31,9 @@ import structlog
 import trio
 
 from replication.batch import AppliedBatch, encode_batch
-from replication.commands import Command, Heartbeat, NodeDown, NodeUp, Tick
+from replication.commands import Command, Configure, Heartbeat, NodeDown, NodeUp, Tick
 from replication.raft import RaftConfig, RaftStatus, ReplicatedLog
-from replication.table import Effect, Result, SessionTable, error
+from replication.table import Effect, Result, SessionTable, UserLimits, error
 
 from .clock import wall
 from .config import NodeConfig
@@ -86,7 +86,7 @@ class CoreStats:
 class Core:
     """See the module docstring."""
 
-    def __init__(self, config: NodeConfig, raft_password: str):
+    def __init__(self, config: NodeConfig, raft_password: str | None):
         self.config = config
         self.node_id = config.id
         self.inc = secrets.randbits(62) | 1
@@ -420,11 +420,25 @@ class Core:
             nonlocal in_flight
             in_flight = False
 
+        configuring = False
+
+        def configured(_r: Result) -> None:
+            nonlocal configuring
+            configuring = False
+
+        cfg = self.config
+        want = UserLimits(cfg.sessions_per_user, cfg.allow_list, cfg.subscriptions,
+                          cfg.mailbox)
         while True:
             await trio.sleep(interval)
             if self.log.status().role != "leader":
                 last = None
                 continue
+            if self.table.user_limits != want and not configuring:
+                configuring = True
+                self.submit(Configure(want.sessions_per_user, want.allow_list,
+                                      want.subscriptions, want.mailbox), configured,
+                            timeout=5, keep=False)
             now = time.monotonic()
             if last is None:
                 last = now

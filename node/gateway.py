@@ -12,6 +12,8 @@ mailbox keeps every message until the recipient acks it).
 
 from __future__ import annotations
 
+import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +67,7 @@ class GatewayStats:
     protocol_errors: int = 0
     rejected_fenced: int = 0
     rejected_full: int = 0
+    rejected_rate: int = 0
     dropped_slow: int = 0
     frames_in: int = 0
     messages_sent: int = 0
@@ -89,6 +92,13 @@ class Gateway:
         self.closing = False
         self.drained = False  # an operator moved this node's clients away
         self.address: str | None = None
+        self._failures: dict[str, deque[float]] = {}  # source address -> failed logins
+        self.ssl_context: ssl.SSLContext | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+            self.ssl_context = ctx
         core.effect_sink = self.handle_effects
         core.restore_sink = self.handle_restore
         core.fence_sink = self.handle_fence
@@ -96,13 +106,37 @@ class Gateway:
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         host, port = self.config.listen
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
-        sockname = listeners[0].socket.getsockname()
+        tcp = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+        sockname = tcp[0].socket.getsockname()
         self.address = format_addr(host, sockname[1])
+        listeners: list[trio.abc.Listener[Any]] = list(tcp)
+        if self.ssl_context is not None:
+            listeners = [trio.SSLListener(t, self.ssl_context, https_compatible=False)
+                         for t in tcp]
         task_status.started(self.address)
         await trio.serve_listeners(self._handle, listeners)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    # --- failed logins per source address ------------------------------------------
+
+    def _failures_of(self, ip: str) -> deque[float]:
+        now = time.monotonic()
+        q = self._failures.get(ip)
+        if q is None:
+            if len(self._failures) > 100_000:  # forget the idle ones
+                for key in [k for k, v in self._failures.items() if not v or v[-1] < now - 60]:
+                    del self._failures[key]
+            q = self._failures[ip] = deque()
+        while q and q[0] < now - 60:
+            q.popleft()
+        return q
+
+    def login_blocked(self, ip: str) -> bool:
+        return len(self._failures_of(ip)) >= self.config.failed_logins
+
+    def login_failed(self, ip: str) -> None:
+        self._failures_of(ip).append(time.monotonic())
+
+    async def _handle(self, stream: Any) -> None:
         self.stats.connections_total += 1
         conn = ClientConnection(self, stream)
         if len(self.connections) >= self.config.max_connections:
@@ -213,9 +247,9 @@ class Gateway:
 class ClientConnection:
     """One client: a reader task and a writer task; see the module docstring."""
 
-    def __init__(self, gateway: Gateway, stream: trio.SocketStream):
+    def __init__(self, gateway: Gateway, stream: Any):
         self.gw = gateway
-        self.stream = stream
+        self.stream = stream  # a trio SocketStream, or an SSLStream around one
         cfg = gateway.config
         self.decoder = FrameDecoder(CLIENT_FRAMES, cfg.max_frame)
         self._frames: deque[dict[str, Any]] = deque()
@@ -231,11 +265,17 @@ class ClientConnection:
         self._inflight = 0
         self._capacity = trio.Event()
         self._cancel: trio.CancelScope | None = None
+        self.ip = "?"
+        self.peer = "?"
         try:
-            peer = stream.socket.getpeername()
+            raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+            peer = raw.socket.getpeername()
+            self.ip = str(peer[0])
             self.peer = f"{peer[0]}:{peer[1]}"
-        except OSError:
-            self.peer = "?"
+        except (OSError, AttributeError):
+            pass
+        self._tokens = float(cfg.frame_burst)
+        self._refilled = time.monotonic()
 
     # --- output ---------------------------------------------------------------------
 
@@ -372,10 +412,27 @@ class ClientConnection:
                 return
             if got is None:
                 return
+            await self._throttle()
             while self._inflight >= cfg.max_inflight:
                 self._capacity = trio.Event()
                 await self._capacity.wait()
             self._dispatch(got)
+
+    async def _throttle(self) -> None:
+        """Token bucket: at most frame_rate frames/s (bursts of frame_burst)."""
+        cfg = self.gw.config
+        now = time.monotonic()
+        self._tokens = min(float(cfg.frame_burst),
+                           self._tokens + (now - self._refilled) * cfg.frame_rate)
+        self._refilled = now
+        if self._tokens < 1:
+            self.gw.stats.rejected_rate += 1
+            self.push(encode({"type": "error", "code": "rate-limited",
+                              "reason": f"over {cfg.frame_rate:g} frames/s; slowing down"}))
+            await trio.sleep((1 - self._tokens) / cfg.frame_rate)
+            self._tokens = 1.0
+            self._refilled = time.monotonic()
+        self._tokens -= 1
 
     # --- login and resume -----------------------------------------------------------------
 
@@ -400,6 +457,11 @@ class ClientConnection:
                    else "cannot reach a majority")
             self.close("error", "fenced", f"this node {why}; connect to another node", rid=rid)
             return False
+        if gw.login_blocked(self.ip):
+            gw.stats.rejected_rate += 1
+            self.close("error", "rate-limited", "too many failed logins from this address; "
+                       "try again in a minute", rid=rid)
+            return False
         done = trio.Event()
         now = wall()
         token = new_resume_token()
@@ -410,6 +472,7 @@ class ClientConnection:
                 verify_token(gw.keys.token, frame["token"], user, now)
             except AuthError as e:
                 gw.stats.auth_failures += 1
+                gw.login_failed(self.ip)
                 log.info("login refused", peer=self.peer, user=user[:64], reason=str(e))
                 self.close("error", "auth-failed", str(e), rid=rid)
                 return False
@@ -429,6 +492,7 @@ class ClientConnection:
             if not result.ok:
                 if result.code == "bad-token":
                     gw.stats.auth_failures += 1
+                    gw.login_failed(self.ip)
                 self.close("error", result.code or "internal", result.reason or "", rid=rid)
                 return
             assert result.value is not None

@@ -27,7 +27,13 @@ async def run_node(config: NodeConfig, announce: Callable[[dict[str, Any]], None
 
     ``announce`` receives the bound addresses once every listener is up.
     """
-    keys = Keys.from_secret(read_secret(config.secret_file))
+    if config.insecure:
+        keys = Keys.insecure()
+        log.warning("INSECURE: running without a cluster secret; anyone who reaches the "
+                    "Raft port can run code in this node, and tokens can be forged")
+    else:
+        assert config.secret_file is not None
+        keys = Keys.from_secret(read_secret(config.secret_file))
     core = Core(config, keys.raft_password)
     gateway = Gateway(config, core, keys)
     metrics = NodeMetrics(config.id, core, gateway,

@@ -241,6 +241,19 @@ class Tick(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Configure(Command):
+    """Set the table's per-user limits (the leader proposes its configured values,
+    so every replica enforces the same ones)."""
+
+    op: ClassVar[str] = "configure"
+    types: ClassVar[tuple[Any, ...]] = (int, int, int, int)
+    sessions_per_user: int
+    allow_list: int
+    subscriptions: int
+    mailbox: int
+
+
+@dataclass(frozen=True, slots=True)
 class Join(Command):
     """Node ``node`` was added to the Raft cluster by an operator: a node started
     with ``--join`` serves clients only once this is in its log."""
@@ -295,6 +308,7 @@ COMMANDS: dict[str, type[Command]] = {
         NodeDown,
         Heartbeat,
         Tick,
+        Configure,
         Join,
         Leave,
         Checkpoint,

@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from typing import Any
 
 import pysyncobj.journal as _pjournal
 import pysyncobj.syncobj as _psyncobj
+import pysyncobj.tcp_connection as _ptcp
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
 from .batch import AppliedBatch, BatchApplier
@@ -73,7 +75,7 @@ class RaftConfig:
     self_addr: str  # host:port, this node's identity in the Raft cluster
     peers: tuple[str, ...]  # the other members' host:port
     data_dir: Path
-    password: str  # encrypts and authenticates all inter-node traffic
+    password: str | None  # encrypts and authenticates all inter-node traffic
     timings: RaftTimings = field(default_factory=RaftTimings)
     fsync: bool = True  # every log entry durable on disk before it counts
     compaction_entries: int = 20_000
@@ -149,6 +151,33 @@ class _DurableMetaStorer(_pjournal.MetaStorer):
         finally:
             os.close(dfd)
 
+
+# --- a cap on peer frames ------------------------------------------------------------
+
+MAX_PEER_FRAME = 16 * 1024 * 1024
+"""pysyncobj buffers a whole frame (up to 2 GiB, announced by a 4-byte length)
+before it authenticates it. No legitimate frame is near this size (entries are
+batched up to 512 KiB, snapshots are sent in 64 KiB chunks): a peer announcing a
+bigger one is dropped at once."""
+
+_orig_parse = _ptcp.TcpConnection._TcpConnection__processParseMessage
+rejected_peer_frames = 0
+
+
+def _capped_parse(self: Any) -> Any:
+    global rejected_peer_frames
+    buf = self._TcpConnection__readBuffer
+    if len(buf) >= 4:
+        (length,) = struct.unpack("i", buf[:4])
+        if length < 0 or length > MAX_PEER_FRAME:
+            rejected_peer_frames += 1
+            log.warning("dropping a Raft peer connection announcing a %d-byte frame", length)
+            self.disconnect()
+            return None
+    return _orig_parse(self)
+
+
+_ptcp.TcpConnection._TcpConnection__processParseMessage = _capped_parse
 
 _fsync_enabled = threading.local()
 

@@ -32,6 +32,7 @@ from .commands import (
     Allow,
     Checkpoint,
     Command,
+    Configure,
     Detach,
     Heartbeat,
     Join,
@@ -68,8 +69,18 @@ class Limits:
 
     max_name: int = 64
     max_text: int = 256
-    max_body: int = 64 * 1024
+    max_body: int = 64 * 1024  # bytes (UTF-8 for text bodies)
     max_acks: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UserLimits:
+    """Per-user limits, set through the log by ``Configure`` (0 = unlimited)."""
+
+    sessions_per_user: int = 16
+    allow_list: int = 5000
+    subscriptions: int = 5000
+    mailbox: int = 10_000
 
 
 # --- state ------------------------------------------------------------------
@@ -218,6 +229,7 @@ class SessionTable:
         self.by_node: dict[str, set[str]] = {}
         self.orphans: dict[str, None] = {}  # ordered by orphaned_at
         self.joined: set[str] = set()  # nodes added by an operator (admin add)
+        self.user_limits = UserLimits()
         self.stats = TableStats()
         self._dispatch: dict[type[Command], Callable[[Any], tuple[Result, list[Effect]]]] = {
             Login: self._login,
@@ -235,6 +247,7 @@ class SessionTable:
             NodeDown: self._node_down,
             Heartbeat: self._heartbeat,
             Tick: self._tick,
+            Configure: self._configure,
             Join: self._join,
             Leave: self._leave,
             Checkpoint: self._checkpoint,
@@ -284,6 +297,8 @@ class SessionTable:
             "nodes": nodes,
             "orphans": orphans,
             "joined": sorted(self.joined),
+            "user_limits": [self.user_limits.sessions_per_user, self.user_limits.allow_list,
+                            self.user_limits.subscriptions, self.user_limits.mailbox],
             "counters": [self.stats.messages_sent, self.stats.messages_acked,
                          self.stats.expired, self.stats.resumed, self.stats.logins,
                          self.stats.presence_updates],
@@ -324,6 +339,7 @@ class SessionTable:
                       for n, inc, seen, beat, down, retired in state["nodes"]}
         self.orphans = dict.fromkeys(state["orphans"])
         self.joined = set(state["joined"])
+        self.user_limits = UserLimits(*state["user_limits"])
         st = TableStats()
         (st.messages_sent, st.messages_acked, st.expired, st.resumed, st.logins,
          st.presence_updates) = state["counters"]
@@ -511,6 +527,10 @@ class SessionTable:
             return error("invalid", f"status must be one of {', '.join(STATUSES)}"), []
         if c.text is not None and len(c.text) > self.limits.max_text:
             return error("invalid", "status text too long"), []
+        cap = self.user_limits.sessions_per_user
+        known = self.users.get(c.user)
+        if cap and known is not None and len(known.sessions) >= cap:
+            return error("limit", f"{c.user} already has {cap} sessions (the limit)"), []
         s = Session(c.session, c.user, c.node, c.inc, 1, c.resume_hash, c.status, c.text,
                     c.now, c.now)
         self.sessions[s.id] = s
@@ -591,6 +611,9 @@ class SessionTable:
             return error("invalid", "bad user name"), []
         me = self.users[s.user]
         effects: list[Effect] = []
+        cap = self.user_limits.allow_list
+        if cap and c.other not in me.allowed and len(me.allowed) >= cap:
+            return error("limit", f"the allow list is full ({cap} users)"), []
         if c.other not in me.allowed:
             me.allowed.add(c.other)
             if c.other in me.subscribers:
@@ -618,6 +641,9 @@ class SessionTable:
         if not self._valid_name(c.other):
             return error("invalid", "bad user name"), []
         me = self.users[s.user]
+        cap = self.user_limits.subscriptions
+        if cap and c.other not in me.subs and len(me.subs) >= cap:
+            return error("limit", f"too many subscriptions ({cap})"), []
         other = self._user(c.other)
         me.subs.add(c.other)
         other.subscribers.add(me.name)
@@ -657,6 +683,11 @@ class SessionTable:
             return error("too-large-body",
                          f"message body over {self.limits.max_body} bytes"), []
         to = self._user(c.to)
+        cap = self.user_limits.mailbox
+        if cap and len(to.mailbox) >= cap:
+            self._gc_user(to)
+            return error("mailbox-full", f"{c.to}'s mailbox is full ({cap} unacknowledged "
+                         "messages); try later"), []
         m = Message(self.next_msg_id, to.next_seq, s.user, c.to, c.body, c.now)
         self.next_msg_id += 1
         to.next_seq += 1
@@ -759,6 +790,13 @@ class SessionTable:
         expired = len(due)
         self.stats.expired += expired
         return Result(True, {"expired": expired}), effects
+
+    def _configure(self, c: Configure) -> tuple[Result, list[Effect]]:
+        values = (c.sessions_per_user, c.allow_list, c.subscriptions, c.mailbox)
+        if any(v < 0 for v in values):
+            return error("invalid", "limits must not be negative"), []
+        self.user_limits = UserLimits(*values)
+        return OK, []
 
     def _join(self, c: Join) -> tuple[Result, list[Effect]]:
         self.joined.add(c.node)

@@ -14,6 +14,7 @@ from replication.commands import (
     Ack,
     Allow,
     Command,
+    Configure,
     Detach,
     Heartbeat,
     Join,
@@ -862,6 +863,39 @@ def test_joined_nodes_are_in_snapshots(t: SessionTable) -> None:
     r = SessionTable()
     r.restore(t.snapshot())
     assert r.joined == {"n3"} and r.digest() == t.digest()
+
+
+def test_configure_sets_per_user_limits(t: SessionTable) -> None:
+    """Configure caps sessions per user, allow lists, subscriptions and mailboxes;
+    a refused send keeps its cmid for a retry."""
+    assert t.apply(Configure(2, 1, 1, 2)) == (Result(True, {}), [])
+    login(t, "a1", "alice")
+    login(t, "a2", "alice")
+    assert login(t, "a3", "alice")[0].code == "limit"
+    assert on(t, Allow, "a1", "bob")[0].ok
+    assert on(t, Allow, "a1", "bob")[0].ok  # already there: not counted twice
+    assert on(t, Allow, "a1", "carol")[0].code == "limit"
+    assert on(t, Subscribe, "a1", "bob")[0].ok
+    assert on(t, Subscribe, "a1", "carol")[0].code == "limit"
+    login(t, "b1", "bob")
+    assert send(t, "a1", 1, "bob")[0].ok and send(t, "a1", 2, "bob")[0].ok
+    assert send(t, "a1", 3, "bob")[0].code == "mailbox-full"
+    assert send(t, "a1", 2, "bob")[0].value == {"id": 2, "duplicate": True}
+    on(t, Ack, "b1", [1])
+    assert send(t, "a1", 3, "bob")[0].value == {"id": 3, "seq": 3}
+    assert t.apply(Configure(0, 0, 0, 0))[0].ok  # 0 lifts a limit
+    assert login(t, "a3", "alice")[0].ok
+
+
+def test_configure_rejects_negative_limits_and_survives_snapshots(t: SessionTable) -> None:
+    """Negative limits are invalid; the limits are part of the replicated state."""
+    assert t.apply(Configure(1, -1, 1, 1))[0].code == "invalid"
+    t.apply(Configure(1, 1, 1, 1))
+    r = SessionTable()
+    r.restore(t.snapshot())
+    assert r.digest() == t.digest()
+    login(r, "a1", "alice")
+    assert login(r, "a2", "alice")[0].code == "limit"
 
 
 def test_noop_changes_nothing(t: SessionTable) -> None:

@@ -21,6 +21,7 @@ from replication.commands import (
     Ack,
     Allow,
     Command,
+    Configure,
     Detach,
     Heartbeat,
     Join,
@@ -120,6 +121,7 @@ class TableMachine(RuleBasedStateMachine):
         self.sent_by: dict[str, dict[int, int]] = {}  # user -> cmid -> message id
         self.cmids = 0
         self.joined: set[str] = set()
+        self.limits = (16, 5000, 5000, 10_000)  # UserLimits' defaults
         self.next_seq: dict[str, int] = {}
         self.last_seen: dict[str, float] = {}
         self.next_id = 1
@@ -266,6 +268,10 @@ class TableMachine(RuleBasedStateMachine):
             else:
                 assert result.code == "conflict"
             return
+        cap = self.limits[0]
+        if cap and sum(m.user == user for m in self.sessions.values()) >= cap:
+            assert result.code == "limit" and effects == [[]] * len(LOCALS)
+            return
         assert result == Result(True, {"epoch": 1, "user": user})
         self.sessions[sid] = MSession(user, node, inc, 1, status, text, now)
         self.logins += 1
@@ -383,6 +389,12 @@ class TableMachine(RuleBasedStateMachine):
             return None
         me = self.sessions[sid].user
         told_before = other in self.allowed.get(me, set())
+        if cls in (Allow, Subscribe):
+            cap = self.limits[1 if cls is Allow else 2]
+            have = (self.allowed if cls is Allow else self.subs).get(me, set())
+            if cap and other not in have and len(have) >= cap:
+                assert result.code == "limit" and effects == [[]] * len(LOCALS)
+                return None
         if cls is Allow:
             self.allowed.setdefault(me, set()).add(other)
         elif cls is Revoke:
@@ -485,6 +497,10 @@ class TableMachine(RuleBasedStateMachine):
         if cmid < 1:
             assert result.code == "invalid"
             assert effects == [[]] * len(LOCALS)
+            return
+        cap = self.limits[3]
+        if cap and len(self.mailbox.get(to, {})) >= cap:
+            assert result.code == "mailbox-full" and effects == [[]] * len(LOCALS)
             return
         seq = self.next_seq.get(to, 1)
         assert result == Result(True, {"id": self.next_id, "seq": seq})
@@ -638,6 +654,13 @@ class TableMachine(RuleBasedStateMachine):
             closed = sorted(e.session for e in eff if isinstance(e, SessionClosed))
             assert closed == sorted(sid for sid in due if pre[sid] == loc)
             assert all(e.reason == "expired" for e in eff if isinstance(e, SessionClosed))
+
+    @rule(limits=st.sampled_from([(2, 1, 2, 3), (1, 2, 1, 2), (0, 0, 0, 0),
+                                  (16, 5000, 5000, 10_000)]))
+    def configure(self, limits: tuple[int, int, int, int]) -> None:
+        """Tighten, lift (0) or restore the per-user limits."""
+        assert self.apply(Configure(*limits)) == (Result(True, {}), [[]] * len(LOCALS))
+        self.limits = limits
 
     @rule()
     def restore_twin(self) -> None:
