@@ -356,8 +356,10 @@ class BenchCluster:
     def check_replicas(self) -> dict[str, Any]:
         """Commit a checkpoint and compare every live replica's table digest there."""
         live = [nid for nid, np in self.c.procs.items() if np.alive()]
+        t0 = time.monotonic()
         try:
-            leader = self.c.wait_ready(timeout=30)
+            leader = self.c.wait_ready(timeout=60)
+            ready_after = time.monotonic() - t0
             cp = admin_call(self.c.spec(leader).admin, self.c.keys, "checkpoint", timeout=15)
             digests = {}
             for nid in live:
@@ -365,9 +367,13 @@ class BenchCluster:
                                {"tag": cp["tag"], "timeout": 10}, timeout=15)
                 digests[nid] = f"{d['index']}:{d['digest']}"
         except (AdminCallError, LaunchError) as e:
-            return {"agree": False, "error": str(e)}
+            st = self.c.statuses()
+            lag = {nid: {k: s.get(k) for k in ("role", "commit_index", "last_applied",
+                                               "fenced", "ready")} if s else None
+                   for nid, s in st.items()}
+            return {"agree": False, "error": str(e), "status": lag}
         return {"agree": len(set(digests.values())) == 1, "index": cp["index"],
-                "digests": digests}
+                "digests": digests, "ready_after_s": round(ready_after, 2)}
 
     def _collect(self, c: LocalCluster) -> None:
         self.logs.merge(scan_logs(c.data_dir))
@@ -444,7 +450,8 @@ def progress(opts: Options) -> Progress:
 def report_replicas(opts: Options, check: dict[str, Any]) -> None:
     if check.get("agree"):
         opts.console.print(f"replicas agree: one table digest on every node at log index "
-                           f"{check['index']}")
+                           f"{check['index']} (all nodes ready {check['ready_after_s']} s after "
+                           "the load)")
     else:
         opts.console.print(f"[bold red]REPLICAS DISAGREE or could not be compared: {check}")
 

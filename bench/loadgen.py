@@ -57,7 +57,7 @@ class Counters:
     """Failures across a group of connections (anything here is worth reporting)."""
 
     errors: dict[str, int] = field(default_factory=dict)  # error code -> replies
-    closed_early: int = 0  # connections the node closed (or reset) while in use
+    closed_early: int = 0  # logged-in connections the node closed (or reset) while in use
     byes: dict[str, int] = field(default_factory=dict)  # bye code -> count (unexpected ones)
     protocol_errors: int = 0
     login_failures: dict[str, int] = field(default_factory=dict)
@@ -222,7 +222,7 @@ class RawConn:
     def _lost(self) -> None:
         if self.closed.is_set():
             return
-        if not self.closing:
+        if not self.closing and self.session is not None:
             self.dropped = True
             self.counters.closed_early += 1
         if not self.logged_in.is_set():

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the switchboard image with no network inside the build: the wheels of
 # the project and of all its runtime dependencies are built on the host
-# (`pip wheel`, into build/docker-wheels/ inside the build context) and the
+# (`pip wheel`, into build/docker-wheels/ inside the build context: deps/ and
+# project/, so that a code change leaves the dependency layers cached) and the
 # Dockerfile installs them with `pip install --no-index --find-links`.
 #
 #   scripts/build-base-image.sh     # once: the local base image (no registry needed)
@@ -54,11 +55,17 @@ start=$(date +%s)
 say "building wheels with $PYTHON (Python $host_py) into build/docker-wheels/"
 rm -rf "$WHEELS"
 mkdir -p "$WHEELS"
-# The project and every runtime dependency, pinned by what the resolver picks now.
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WHEELS" "$ROOT" ||
-    die "pip wheel failed"
+# The project and every runtime dependency, as the resolver picks them now.
+if ! "$PYTHON" -m pip wheel --disable-pip-version-check --wheel-dir "$WHEELS" "$ROOT" \
+        >"$ROOT/build/pip-wheel.log" 2>&1; then
+    tail -n 30 "$ROOT/build/pip-wheel.log" >&2
+    die "pip wheel failed (full log: build/pip-wheel.log)"
+fi
 n=$(find "$WHEELS" -name '*.whl' | wc -l)
 ls "$WHEELS"/switchboard-*.whl >/dev/null 2>&1 || die "pip wheel did not build switchboard's wheel"
+mkdir "$WHEELS/deps" "$WHEELS/project"
+mv "$WHEELS"/switchboard-*.whl "$WHEELS/project/"
+mv "$WHEELS"/*.whl "$WHEELS/deps/"
 say "$n wheels ($(du -sh "$WHEELS" | cut -f1)) in $(( $(date +%s) - start )) s"
 
 say "docker build -t $IMAGE --build-arg BASE_IMAGE=$BASE_IMAGE (no network inside)"

@@ -335,7 +335,7 @@ async def test_no_secrets_in_logs_or_metrics(limited: Cluster) -> None:
     resume_tokens: list[str] = []
     with trio.fail_after(30):
         async with client.connect(limited.client_addresses(), user="sly", token=token) as s:
-            resume_tokens.append(s._resume_token or "")  # noqa: SLF001
+            resume_tokens.append(s._resume_token or "")
             await s.send("sly", "hello")
         s2, _ = await trio.to_thread.run_sync(login_raw, limited.client_addresses()[0], "sly",
                                               token + "x")
