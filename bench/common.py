@@ -20,8 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,6 +143,7 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "loadavg_at_start": [round(x, 2) for x in load],
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "revision": git_revision(),
     }
 
 
@@ -481,16 +481,15 @@ def emit(opts: Options, result: dict[str, Any]) -> None:
         sys.stdout.flush()
 
 
-@contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    t0 = time.monotonic()
-    yield lambda: time.monotonic() - t0
-
-
 def git_revision() -> str:
+    """HEAD's short hash, with ``+dirty`` if the code under test has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, cwd=Path(__file__).resolve().parent.parent
-                              ).stdout.strip() or "?"
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=root).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "node", "replication",
+                                "client", "cluster"], capture_output=True, text=True,
+                               timeout=5, cwd=root).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
+    return rev + ("+dirty" if dirty else "")

@@ -375,7 +375,8 @@ def run(opts: Options) -> dict[str, Any]:
     bc = BenchCluster(opts, "core")
     try:
         bc.start()
-        opts.console.print(f"cluster: 3 nodes on {', '.join(bc.addresses())}, default settings "
+        opts.console.print(f"revision {machine['revision']}; "
+                           f"cluster: 3 nodes on {', '.join(bc.addresses())}, default settings "
                            f"(fsync on); load: {loadgen.CLIENT_NAME}")
         res = trio.run(_run, opts, bc, plan)
         res["node_counters"] = bc.node_counters()

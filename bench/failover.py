@@ -218,7 +218,8 @@ def run(opts: Options) -> dict[str, Any]:
     bc = BenchCluster(opts, "failover")
     try:
         bc.start()
-        opts.console.print(f"cluster: 3 nodes on {', '.join(bc.addresses())}, default settings "
+        opts.console.print(f"revision {machine['revision']}; "
+                           f"cluster: 3 nodes on {', '.join(bc.addresses())}, default settings "
                            f"(fsync on); client: {CLIENT_NAME}; {per_kind} kills of each kind")
         cpu0 = bc.cpu.snapshot()
         rounds = trio.run(_run, opts, bc, per_kind)

@@ -111,7 +111,8 @@ def run(opts: Options) -> dict[str, Any]:
     machine = machine_info()
     order = [["fsync", "no-fsync"], ["no-fsync", "fsync"]]
     runs: list[dict[str, Any]] = []
-    opts.console.print(f"3-node clusters, default settings vs --no-fsync; load: "
+    opts.console.print(f"revision {machine['revision']}; "
+                       f"3-node clusters, default settings vs --no-fsync; load: "
                        f"{loadgen.CLIENT_NAME}; {plan.rounds} round(s)")
     with progress(opts) as prog:
         for rnd in range(plan.rounds):

@@ -454,18 +454,19 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
 
     table = Table(title="switchboard cluster")
     for col in ("id", "role", "term", "commit", "applied", "lag", "conns", "sessions",
-                "fenced", "uptime", "client", "admin"):
+                "fenced", "ready", "uptime", "client", "admin"):
         table.add_column(col)
     commit = max((r.get("commit_index", 0) for r in rows if r.get("reachable")), default=0)
     for r in rows:
         if not r.get("reachable"):
             table.add_row(r.get("id", "?"), "[red]unreachable[/red]", "", "", "", "", "", "",
-                          "", "", "", r["admin"])
+                          "", "", "", "", r["admin"])
             continue
         table.add_row(
             r["id"], r["role"], str(r["term"]), str(r["commit_index"]), str(r["last_applied"]),
             str(commit - r["last_applied"]), str(r["connections"]),
             f"{r['sessions_local']}/{r['sessions']}", "yes" if r["fenced"] else "no",
+            "drained" if r.get("drained") else ("yes" if r.get("ready") else "no"),
             f"{r['uptime']:.0f}s", str(r.get("client")), str(r.get("admin")),
         )
     Console().print(table)

@@ -95,7 +95,7 @@ class ClusterAdmin:
         args: dict[str, Any] = {}
         if to is not None:
             args["raft"] = self.find(to)["raft"]
-        return self.call(leader["admin"], "transfer", args, timeout=15)
+        return self.call(leader["admin"], "transfer", args, timeout=30)
 
     def drain(self, node: str, timeout: float = 10.0) -> dict[str, Any]:
         target = self.find(node)
@@ -121,7 +121,7 @@ class ClusterAdmin:
             self.call(target["admin"], "drain", {"timeout": 10}, timeout=15)
         if leader["raft"] == raft:
             try:
-                self.call(leader["admin"], "transfer", {}, timeout=20)
+                self.call(leader["admin"], "transfer", {}, timeout=30)
             except AdminCallError:
                 # pysyncobj's handover can fail under load: stop the old leader
                 # instead (its clients were drained) and let the others elect.
@@ -130,8 +130,16 @@ class ClusterAdmin:
             leader = self.leader(wait=15)
             if leader["raft"] == raft:
                 raise AdminCallError("is-leader", "leadership did not move; try again")
-        result = self.call(leader["admin"], "member-remove", {"raft": raft, "id": node_id},
-                           timeout=30)
+        try:
+            result = self.call(leader["admin"], "member-remove",
+                               {"raft": raft, "id": node_id}, timeout=30)
+        except AdminCallError:
+            if target is not None:  # refused: let the node serve again
+                try:
+                    self.call(target["admin"], "undrain")
+                except AdminCallError:
+                    pass
+            raise
         if target is not None and retire:
             try:
                 self.call(target["admin"], "retire")

@@ -126,7 +126,7 @@ class AdminServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         decoder = FrameDecoder(ADMIN_FRAMES, 64 * 1024)
         try:
-            with trio.move_on_after(10):
+            with trio.move_on_after(60):
                 frame = None
                 while frame is None:
                     data = await stream.receive_some(65536)
@@ -238,13 +238,15 @@ class AdminServer:
         target = args.get("raft")
         if target is not None and not isinstance(target, str):
             raise AdminError("bad-args", "raft must be a host:port string")
+        if target == self.config.raft:
+            raise AdminError("bad-args", "this node is already the leader")
         self._leader_status()
         # pysyncobj hands over only to a follower whose log matches the leader's to
         # the last entry, and the handover fails if the leader appends more before
         # the target's election: under load, retry a few times.
         err: str | None = "not tried"
-        for _attempt in range(5):
-            with trio.move_on_after(2):
+        for _attempt in range(4):
+            with trio.move_on_after(1.5):
                 err = "not caught up"
                 while err is not None:
                     err = await self.core.raft_call(

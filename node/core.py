@@ -18,6 +18,7 @@ seconds cannot reach a majority and must stop serving).
 
 from __future__ import annotations
 
+import heapq
 import math
 import secrets
 import threading
@@ -100,7 +101,7 @@ class Core:
         self.observe_commit: Callable[[float], None] | None = None
         self._queue: deque[tuple[int, Command]] = deque()
         self._pending: dict[int, _Pending] = {}
-        self._deadlines: deque[tuple[float, int]] = deque()
+        self._deadlines: list[tuple[float, int]] = []  # a heap: deadlines differ
         self._next_rid = 1
         self._batch_seq = 0
         self._inflight: _Inflight | None = None
@@ -136,7 +137,8 @@ class Core:
         now = time.monotonic()
         deadline = now + (self.config.commit_timeout if timeout is None else timeout)
         self._pending[rid] = _Pending(on_done, deadline, now, keep)
-        self._deadlines.append((deadline, rid))
+        if deadline != math.inf:
+            heapq.heappush(self._deadlines, (deadline, rid))
         self._queue.append((rid, cmd))
         if self._inflight is None:
             self._propose_next()
@@ -380,7 +382,7 @@ class Core:
                 self._propose_next()
             deadlines = self._deadlines
             while deadlines and deadlines[0][0] <= now:
-                _, rid = deadlines.popleft()
+                _, rid = heapq.heappop(deadlines)
                 p = self._pending.get(rid)
                 if p is not None and not p.answered:
                     if p.keep:

@@ -41,7 +41,15 @@ class _NodeCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily("switchboard_" + name, doc, value=value)
 
+        info = GaugeMetricFamily("switchboard_node_info", "This node's identity",
+                                 labels=["id"])
+        info.add_metric([self.node_id], 1.0)
+        yield info
         yield gauge("connections", "Open client connections on this node", gs.connections)
+        yield counter("refused_rate_limited", "Frames throttled and logins refused by rate "
+                      "limits", gs.rejected_rate)
+        yield counter("refused_full", "Connections refused at the connection limit",
+                      gs.rejected_full)
         yield counter("connections", "Client connections accepted", gs.connections_total)
         yield counter("logins", "Successful logins on this node", gs.logins)
         yield counter("resumes", "Sessions resumed on this node", gs.resumes)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pysyncobj.journal as _pjournal
+import pysyncobj.serializer as _pserializer
 import pysyncobj.syncobj as _psyncobj
 import pysyncobj.tcp_connection as _ptcp
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
@@ -178,6 +179,21 @@ def _capped_parse(self: Any) -> Any:
 
 
 _ptcp.TcpConnection._TcpConnection__processParseMessage = _capped_parse
+
+def _durable_replace(src: str, dst: str) -> None:
+    """pysyncobj writes the snapshot (raft.dump) and renames it without fsync, then
+    trims the journal: sync the file and the directory before the journal is cut."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    dfd = os.open(os.path.dirname(os.path.abspath(dst)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+_pserializer.atomicReplace = _durable_replace
 
 _fsync_enabled = threading.local()
 

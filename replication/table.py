@@ -51,7 +51,7 @@ from .commands import (
     Unsubscribe,
 )
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 RANK = {"online": 3, "busy": 2, "away": 1}
 """Which session's status a user shows when several sessions differ."""
 

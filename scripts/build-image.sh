@@ -68,12 +68,18 @@ mv "$WHEELS"/switchboard-*.whl "$WHEELS/project/"
 mv "$WHEELS"/*.whl "$WHEELS/deps/"
 say "$n wheels ($(du -sh "$WHEELS" | cut -f1)) in $(( $(date +%s) - start )) s"
 
+old_id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 say "docker build -t $IMAGE --build-arg BASE_IMAGE=$BASE_IMAGE (no network inside)"
 # --network none: prove the build needs nothing from outside.
 if ! docker build --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" \
         -f "$ROOT/Dockerfile" "$ROOT" >"$ROOT/build/docker-build.log" 2>&1; then
     tail -n 40 "$ROOT/build/docker-build.log" >&2
     die "docker build failed (full log: build/docker-build.log)"
+fi
+new_id=$(docker image inspect -f '{{.Id}}' "$IMAGE")
+# The image this build replaced would linger untagged: remove it (unless in use).
+if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    docker rmi "$old_id" >/dev/null 2>&1 || true
 fi
 say "built $IMAGE in $(( $(date +%s) - start )) s total ($(docker image inspect -f '{{.Size}}' "$IMAGE" |
     awk '{printf "%.0f MB", $1/1e6}'))"

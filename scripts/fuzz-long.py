@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.protocol import CLIENT_FRAMES, FrameDecoder, RemoteProtocolError  # noqa: E402
-from replication.batch import BatchApplier  # noqa: E402
-from replication.table import SessionTable  # noqa: E402
+from node.protocol import CLIENT_FRAMES, FrameDecoder, RemoteProtocolError
+from replication.batch import BatchApplier
+from replication.table import SessionTable
 
 
 def main() -> int:

@@ -71,8 +71,10 @@ async def test_grow_shrink_and_replace_the_leader_under_load(
             c.removed.add(node)
             steps.append(f"removed {node}")
         ca = _admin(c)
-        leader = ca.leader()
-        assert len(leader["members"]) == 3
+        deadline = time.monotonic() + 15
+        while len((leader := ca.leader())["members"]) != 3:
+            assert time.monotonic() < deadline, leader["members"]
+            time.sleep(0.2)
         ca.remove(leader["id"])
         c.removed.add(leader["id"])
         steps.append(f"removed leader {leader['id']}")
