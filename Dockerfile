@@ -35,7 +35,7 @@ RUN set -eu; \
     if ! ls ./*.whl >/dev/null 2>&1; then \
         echo "no prebuilt wheels: building the dependencies' wheels from the package index"; \
         [ -f README.md ] || : > README.md; \
-        /opt/switchboard/bin/pip wheel --wheel-dir /src . ; \
+        /opt/switchboard/bin/pip wheel --use-pep517 --wheel-dir /src . ; \
         rm -f /src/switchboard-*.whl; \
     fi; \
     /opt/switchboard/bin/pip install --no-index --find-links /src /src/*.whl; \
@@ -49,7 +49,7 @@ RUN set -eu; \
     if ls /src/build/docker-wheels/project/switchboard-*.whl >/dev/null 2>&1; then \
         cp /src/build/docker-wheels/project/switchboard-*.whl /wheels/; \
     else \
-        /opt/switchboard/bin/pip wheel --no-deps --wheel-dir /wheels /src; \
+        /opt/switchboard/bin/pip wheel --use-pep517 --no-deps --wheel-dir /wheels /src; \
     fi
 
 FROM ${BASE_IMAGE}

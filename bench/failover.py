@@ -53,7 +53,8 @@ from .common import (
 )
 
 CLIENT_NAME = "client.connect (the client library, anyio on Trio)"
-ROUND_TIMEOUT = 30.0
+ROUND_TIMEOUT = 30.0  # how long a round waits for the resume and the message
+QUICK_ROUND_TIMEOUT = 8.0  # --quick must stay short even when rounds fail
 DUPLICATE_WAIT = 0.5
 
 
@@ -78,7 +79,15 @@ class Round:
     violations: list[str] = field(default_factory=list)
 
 
-async def one_round(bc: BenchCluster, n: int, kind: str, follower_turn: int) -> Round:
+def _describe(e: BaseException) -> str:
+    """The exception, or the leaf exceptions of a group, in one line."""
+    if isinstance(e, BaseExceptionGroup):
+        return "; ".join(_describe(x) for x in e.exceptions)
+    return f"{type(e).__name__}: {e}"
+
+
+async def one_round(bc: BenchCluster, n: int, kind: str, follower_turn: int,
+                    timeout: float = ROUND_TIMEOUT) -> Round:
     c = bc.c
     leader = await trio.to_thread.run_sync(lambda: c.wait_ready(timeout=60))
     ids = bc.node_ids()
@@ -92,7 +101,7 @@ async def one_round(bc: BenchCluster, n: int, kind: str, follower_turn: int) -> 
     body = f"after-kill-{n}"
     pid = c.procs[victim].pid
     try:
-        with trio.fail_after(ROUND_TIMEOUT + 20):
+        with trio.fail_after(timeout + 15):
             async with client.connect([addr[victim], *[addr[s] for s in survivors]],
                                       user=alice_user, token=bc.token(alice_user),
                                       ordered=True, connection_events=True) as alice, \
@@ -143,17 +152,17 @@ async def one_round(bc: BenchCluster, n: int, kind: str, follower_turn: int) -> 
                     t0 = time.perf_counter()
                     os.kill(pid, signal.SIGKILL)
                     nursery.start_soon(bob_sends)
-                    with trio.move_on_after(ROUND_TIMEOUT):
+                    with trio.move_on_after(timeout):
                         await got_msg.wait()
                         await got_resume.wait()
                     await trio.sleep(DUPLICATE_WAIT)
                     nursery.cancel_scope.cancel()
                 r.session_kept = alice.session_id == sid
     except Exception as e:  # a failed round is a finding, not a crash of the bench
-        r.violations.append(f"round failed: {type(e).__name__}: {e}")
+        r.violations.append(f"round failed: {_describe(e)}")
     # Reap the victim, restart it and wait for the whole cluster to be ready.
     if r.message_s is None:
-        r.violations.append(f"message not received within {ROUND_TIMEOUT:g} s")
+        r.violations.append(f"message not received within {timeout:g} s")
     elif r.copies != 1:
         r.violations.append(f"message received {r.copies} times")
     if r.resumed_s is None:
@@ -184,7 +193,8 @@ async def _run(opts: Options, bc: BenchCluster, per_kind: int) -> list[Round]:
         for n in range(2 * per_kind):
             kind = "follower" if n % 2 == 0 else "leader"
             try:
-                r = await one_round(bc, n, kind, follower_turn)
+                r = await one_round(bc, n, kind, follower_turn,
+                                    QUICK_ROUND_TIMEOUT if opts.quick else ROUND_TIMEOUT)
             except LaunchError as e:  # the victim did not come back: stop here, report
                 opts.err.print(f"[bold red]round {n}: the cluster did not recover: {e}")
                 rounds.append(Round(n, kind, "?", "?", violations=[f"cluster lost: {e}"]))

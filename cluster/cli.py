@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -101,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="frames per second per connection (default 500, bursts of twice that)")
     nd.add_argument("--failed-logins", type=int, default=20,
                     help="failed logins per source address per minute (default 20)")
-    nd.add_argument("--max-connections", type=int, default=19_000,
-                    help="client connections per node (default 19000)")
+    nd.add_argument("--workers", type=int, default=None,
+                    help="gateway worker processes sharing the client port (default: the "
+                    "number of CPUs); 0 runs the gateway in the node's own process")
+    nd.add_argument("--max-connections", type=int, default=None,
+                    help="client connections per node (default 19000 per gateway process)")
     nd.add_argument("--login-deadline", type=_positive, default=5.0,
                     help="seconds a new connection has to log in (default 5)")
     nd.add_argument("--max-frame", type=int, default=256 * 1024,
@@ -197,6 +201,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from node.auth import SecretError, read_secret
     from node.config import ConfigError, NodeConfig, parse_addr
     from node.server import run_node
+    from node.workers import WorkerError
 
     try:
         listen = parse_addr(args.listen, "--listen address")
@@ -224,6 +229,11 @@ def cmd_node(args: argparse.Namespace) -> int:
             if path is not None and not path.is_file():
                 raise ConfigError(f"cannot read {path}")
         _check_bindable(args.raft, "--raft")
+        workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+        if not 0 <= workers <= 64:
+            raise ConfigError("--workers must be between 0 and 64")
+        max_connections = (args.max_connections if args.max_connections is not None
+                           else 19_000 * max(1, workers))
     except (ConfigError, SecretError) as e:
         return _fail(str(e))
     config = NodeConfig(
@@ -237,8 +247,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         allow_list=args.allow_list_limit, subscriptions=args.subscription_limit,
         mailbox=args.mailbox_limit, frame_rate=args.frame_rate,
         frame_burst=max(1, int(args.frame_rate * 2)), failed_logins=args.failed_logins,
-        max_connections=args.max_connections, login_deadline=args.login_deadline,
-        max_frame=args.max_frame,
+        max_connections=max_connections, login_deadline=args.login_deadline,
+        max_frame=args.max_frame, workers=workers,
     )
     logs.configure(args.id, args.log_format, getattr(logging, args.log_level.upper()))
 
@@ -249,6 +259,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         trio.run(run_node, config, announce)
     except BaseException as exc:
+        worker_error = _find(exc, WorkerError)
+        if worker_error is not None:
+            return _fail(f"node {args.id}: {worker_error}")
         os_error = _find(exc, OSError)
         if os_error is not None:
             what = f" ({os_error.filename})" if os_error.filename else ""

@@ -24,7 +24,7 @@ from replication.commands import Checkpoint, Join, Leave
 from .auth import Keys
 from .config import NodeConfig, format_addr
 from .core import Core
-from .gateway import Gateway
+from .interfaces import GatewayLike
 from .protocol import FrameDecoder, RemoteProtocolError, Schema, encode
 
 log = structlog.get_logger("switchboard.admin")
@@ -91,7 +91,7 @@ def verify_admin_token(keys: Keys, token: str, cmd: str) -> None:
 class AdminServer:
     """Serves admin requests for one node."""
 
-    def __init__(self, config: NodeConfig, core: Core, gateway: Gateway, keys: Keys,
+    def __init__(self, config: NodeConfig, core: Core, gateway: GatewayLike, keys: Keys,
                  addresses: dict[str, str | None], stop: trio.Event | None = None):
         self.config = config
         self.stop = stop if stop is not None else trio.Event()
@@ -303,7 +303,7 @@ class AdminServer:
         raise AdminError("not-applied", f"checkpoint {tag} not applied here yet")
 
 
-def node_status(config: NodeConfig, core: Core, gateway: Gateway,
+def node_status(config: NodeConfig, core: Core, gateway: GatewayLike,
                 addresses: dict[str, str | None], started: float) -> dict[str, Any]:
     cs = core.statistics()
     gs = gateway.statistics()
@@ -326,7 +326,7 @@ def node_status(config: NodeConfig, core: Core, gateway: Gateway,
         "fenced": cs.fenced,
         "member": core.member,
         "drained": gateway.drained,
-        "ready": core.serving() and not gateway.drained,
+        "ready": core.serving() and not gateway.drained and gateway.listening(),
         "connections": gs.connections,
         "sessions_local": gs.sessions_local,
         "sessions": ts.sessions,
@@ -337,6 +337,7 @@ def node_status(config: NodeConfig, core: Core, gateway: Gateway,
         "incarnation": core.inc,
         "insecure": config.insecure,
         "tls": config.tls_cert is not None,
+        "workers": gateway.workers(),
     }
 
 

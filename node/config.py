@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from replication.raft import RaftTimings
 
@@ -75,3 +76,31 @@ class NodeConfig:
     timings: RaftTimings = field(default_factory=RaftTimings)
     log_format: str = "kv"  # kv or json
     insecure: bool = False  # no cluster secret: unauthenticated Raft traffic (tests only)
+    # Gateway worker processes sharing the client port (0: the gateway runs in the
+    # node's own process)
+    workers: int = 0
+
+    _PATHS = ("data_dir", "secret_file", "tls_cert", "tls_key")
+    _TUPLES = ("listen", "peers", "admin", "metrics")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The settings a gateway worker needs, as plain CBOR values (no Raft timings)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "timings":
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(
+                v, tuple) else v
+        return out
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> NodeConfig:
+        kw = dict(wire)
+        for name in cls._PATHS:
+            if kw.get(name) is not None:
+                kw[name] = Path(kw[name])
+        for name in cls._TUPLES:
+            if kw.get(name) is not None:
+                kw[name] = tuple(kw[name])
+        return cls(**kw)

@@ -38,6 +38,7 @@ from replication.table import Effect, Result, SessionTable, UserLimits, error
 
 from .clock import wall
 from .config import NodeConfig
+from .limits import FailedLogins
 
 log = structlog.get_logger("switchboard.core")
 
@@ -98,6 +99,10 @@ class Core:
         self.effect_sink: Callable[[list[Effect]], None] = lambda effects: None
         self.restore_sink: Callable[[list[tuple[str, int]]], None] = lambda sessions: None
         self.fence_sink: Callable[[bool], None] = lambda fenced: None
+        # Called after every batch of replication events and fence change: whoever
+        # mirrors serving()/member/fenced elsewhere (gateway workers) compares here.
+        self.state_sink: Callable[[], None] = lambda: None
+        self.failed_logins = FailedLogins(config.failed_logins)
         self.observe_commit: Callable[[float], None] | None = None
         self._queue: deque[tuple[int, Command]] = deque()
         self._pending: dict[int, _Pending] = {}
@@ -239,6 +244,10 @@ class Core:
                     event.set()
             except Exception:  # a bug here must not take the Trio loop down
                 log.exception("handling a replication event failed", kind=kind)
+        try:
+            self.state_sink()
+        except Exception:
+            log.exception("state_sink failed")
 
     def _handle_applied(self, index: int, batch: AppliedBatch) -> None:
         self.stats.applied_index = index
@@ -310,6 +319,7 @@ class Core:
             self._fence_changed = trio.Event()
             try:
                 self.fence_sink(fenced)
+                self.state_sink()
             except Exception:
                 log.exception("fence_sink failed")
 
@@ -334,6 +344,20 @@ class Core:
 
     def serving(self) -> bool:
         return self.ready.is_set() and not self.fenced and self.member
+
+    # --- the rest of node.interfaces.CoreLike (the in-process gateway's view) ---------------
+
+    def login_blocked(self, ip: str) -> bool:
+        return self.failed_logins.blocked(ip)
+
+    def login_failed(self, ip: str) -> None:
+        self.failed_logins.failed(ip)
+
+    def connections_elsewhere(self) -> int:
+        return 0
+
+    def connections_changed(self, count: int) -> None:
+        pass
 
     async def wait_fence_changed(self) -> None:
         await self._fence_changed.wait()

@@ -1,20 +1,31 @@
-"""The connection side of a node: the client listener, one task pair per client,
-and the carrying-out of the core's effects on local connections.
+"""The connection side of a node: the client listener, one task per client, and
+the carrying-out of the core's effects on local connections.
 
-Each connection has a reader task that decodes frames (``node.protocol``) and
-dispatches them without waiting for commits (requests are pipelined: a reply
-is queued when the core calls back), and a writer task that drains the
-connection's outbox. Effects reach a connection by appending already-encoded
-bytes to its outbox; a connection whose outbox grows past ``outbox_limit`` is
-dropped (its session waits for a resume, and nothing acknowledged is lost: the
-mailbox keeps every message until the recipient acks it).
+A gateway runs in the node's process (``--workers 0``) or in each of the node's
+gateway worker processes (``node.worker``), which share the client port with
+SO_REUSEPORT; either way it talks to the core through ``node.interfaces.CoreLike``.
+
+Each connection has one task, its reader, which decodes frames
+(``node.protocol``) and dispatches them without waiting for commits (requests
+are pipelined: a reply is queued when the core calls back). Output does not
+need a task: on a plain TCP connection ``push`` writes the bytes at once with a
+non-blocking send, and only when the kernel's send buffer is full does it queue
+the rest and start a writer task (in the connection's nursery) that flushes
+the queue with ``send_all`` and ends when it is empty; bytes always leave in
+push order. A TLS connection keeps a writer task for its whole life (an
+``SSLStream`` cannot be written synchronously). A connection whose queue grows
+past ``outbox_limit`` is dropped (its session waits for a resume, and nothing
+acknowledged is lost: the mailbox keeps every message until the recipient acks
+it).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +59,7 @@ from .auth import (
 )
 from .clock import wall
 from .config import NodeConfig, format_addr
-from .core import Core
+from .interfaces import CoreLike
 from .protocol import CLIENT_FRAMES, FrameDecoder, RemoteProtocolError, encode
 
 log = structlog.get_logger("switchboard.gateway")
@@ -79,10 +90,35 @@ class GatewayStats:
     sessions_local: int = 0
 
 
-class Gateway:
-    """Client connections of one node; see the module docstring."""
+PROCESS_MAX_CONNECTIONS = 19_000
+"""Client connections one process may hold, whatever --max-connections says: the
+hard limit on open files is 20,000 per process here (see the notes on machines)."""
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+FINAL_FLUSH_TIMEOUT = 10.0  # a closing connection's last frames, to a client that reads
 
-    def __init__(self, config: NodeConfig, core: Core, keys: Keys):
+
+async def open_reuseport_listener(host: str, port: int) -> trio.SocketListener:
+    """A listener on ``host:port`` with SO_REUSEPORT: every gateway worker of a node
+    binds one, and the kernel spreads new connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((host, port))
+        sock.listen(4096)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+class Gateway:
+    """Client connections of one process; see the module docstring."""
+
+    def __init__(self, config: NodeConfig, core: CoreLike, keys: Keys):
         self.config = config
         self.core = core
         self.keys = keys
@@ -90,9 +126,12 @@ class Gateway:
         self.connections: set[ClientConnection] = set()
         self.stats = GatewayStats()
         self.closing = False
-        self.drained = False  # an operator moved this node's clients away
+        self._drained = False  # an operator moved this node's clients away
         self.address: str | None = None
-        self._failures: dict[str, deque[float]] = {}  # source address -> failed logins
+        self._listening = False
+        self._accepting: trio.CancelScope | None = None
+        self.max_here = min(config.max_connections, PROCESS_MAX_CONNECTIONS)
+        self.accepted_burst = 0  # connections accepted since the last look (worker GC)
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -103,54 +142,80 @@ class Gateway:
         core.restore_sink = self.handle_restore
         core.fence_sink = self.handle_fence
 
-    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    @property
+    def drained(self) -> bool:
+        return self._drained
+
+    async def serve(self, *, reuse_port: bool = False,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = self.config.listen
-        tcp = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+        tcp: list[trio.SocketListener]
+        if reuse_port:
+            tcp = [await open_reuseport_listener(host, port)]
+        else:
+            tcp = await trio.open_tcp_listeners(port, host=host, backlog=4096)
         sockname = tcp[0].socket.getsockname()
         self.address = format_addr(host, sockname[1])
         listeners: list[trio.abc.Listener[Any]] = list(tcp)
         if self.ssl_context is not None:
             listeners = [trio.SSLListener(t, self.ssl_context, https_compatible=False)
                          for t in tcp]
-        task_status.started(self.address)
-        await trio.serve_listeners(self._handle, listeners)
+        try:
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as acceptors:
+                    self._accepting = acceptors.cancel_scope
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, handlers)
+                    self._listening = True
+                    task_status.started(self.address)
+                # Shutting down: the listeners are closed; connections finish on their own.
+                self._listening = False
+        finally:
+            self._listening = False
 
-    # --- failed logins per source address ------------------------------------------
+    def listening(self) -> bool:
+        return self._listening and not self.closing
 
-    def _failures_of(self, ip: str) -> deque[float]:
-        now = time.monotonic()
-        q = self._failures.get(ip)
-        if q is None:
-            if len(self._failures) > 100_000:  # forget the idle ones
-                for key in [k for k, v in self._failures.items() if not v or v[-1] < now - 60]:
-                    del self._failures[key]
-            q = self._failures[ip] = deque()
-        while q and q[0] < now - 60:
-            q.popleft()
-        return q
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], handlers: trio.Nursery
+                           ) -> None:
+        """Accept, and decide admission at once (before the next accept), so that the
+        node-wide connection count sees connections in the order they were accepted."""
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept failed; retrying", error=os.strerror(exc.errno or 0))
+                    await trio.sleep(0.1)
+                    continue
+                self.stats.connections_total += 1
+                conn = ClientConnection(self, stream)
+                here = len(self.connections)
+                if (here >= self.max_here or here + self.core.connections_elsewhere()
+                        >= self.config.max_connections):
+                    self.stats.rejected_full += 1
+                    handlers.start_soon(conn.refuse, "overloaded",
+                                        "this node is full; connect to another node")
+                    continue
+                if self.closing:
+                    handlers.start_soon(conn.refuse, "shutdown", "the node is shutting down")
+                    continue
+                self.connections.add(conn)
+                self.core.connections_changed(len(self.connections))
+                self.accepted_burst += 1
+                handlers.start_soon(self._handle, conn)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
 
-    def login_blocked(self, ip: str) -> bool:
-        return len(self._failures_of(ip)) >= self.config.failed_logins
-
-    def login_failed(self, ip: str) -> None:
-        self._failures_of(ip).append(time.monotonic())
-
-    async def _handle(self, stream: Any) -> None:
-        self.stats.connections_total += 1
-        conn = ClientConnection(self, stream)
-        if len(self.connections) >= self.config.max_connections:
-            self.stats.rejected_full += 1
-            await conn.refuse("overloaded", "this node is full; connect to another node")
-            return
-        if self.closing:
-            await conn.refuse("shutdown", "the node is shutting down")
-            return
-        self.connections.add(conn)
+    async def _handle(self, conn: ClientConnection) -> None:
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self.core.connections_changed(len(self.connections))
             if conn.session is not None and self.sessions.get(conn.session) is conn:
                 del self.sessions[conn.session]
 
@@ -214,7 +279,7 @@ class Gateway:
     async def drain(self, timeout: float = 10.0) -> int:
         """Move every client to other nodes (``bye shutdown``: they resume elsewhere)
         and refuse new ones until ``undrain``; returns the connections left."""
-        self.drained = True
+        self._drained = True
         for c in list(self.connections):
             c.close("bye", "shutdown", "this node is being drained; reconnect elsewhere",
                     detach=False)
@@ -224,11 +289,13 @@ class Gateway:
         return len(self.connections)
 
     def undrain(self) -> None:
-        self.drained = False
+        self._drained = False
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client to move, wait briefly for outboxes to drain."""
         self.closing = True
+        if self._accepting is not None:
+            self._accepting.cancel()
         for c in list(self.connections):
             c.close("bye", "shutdown", "the node is shutting down; reconnect elsewhere",
                     detach=False)
@@ -243,44 +310,81 @@ class Gateway:
         st.outbox_bytes = sum(c.out_bytes for c in self.connections)
         return st
 
+    def workers(self) -> list[dict[str, Any]]:
+        return []
+
 
 class ClientConnection:
-    """One client: a reader task and a writer task; see the module docstring."""
+    """One client: one task (the reader); output is written from ``push`` itself.
+    See the module docstring."""
+
+    __slots__ = (
+        "_broken", "_cancel", "_capacity", "_detach", "_direct", "_fpos", "_frames",
+        "_inflight", "_nursery", "_out", "_reading", "_refilled", "_tokens", "_wake",
+        "_writing", "closing", "decoder", "epoch", "gw", "ip", "out_bytes", "port",
+        "session", "stream", "user",
+    )
 
     def __init__(self, gateway: Gateway, stream: Any):
         self.gw = gateway
         self.stream = stream  # a trio SocketStream, or an SSLStream around one
         cfg = gateway.config
         self.decoder = FrameDecoder(CLIENT_FRAMES, cfg.max_frame)
-        self._frames: deque[dict[str, Any]] = deque()
+        self._frames: list[dict[str, Any]] = []
+        self._fpos = 0
         self._broken: RemoteProtocolError | None = None
         self.session: str | None = None
         self.epoch = 0
         self.user: str | None = None
+        # Plain TCP: push() writes with a non-blocking send on the socket itself.
+        self._direct = isinstance(stream, trio.SocketStream)
         self._out: list[bytes] = []
         self.out_bytes = 0
-        self._wake = trio.Event()
+        self._writing = False  # a writer task owns the stream's sending side
+        self._wake: trio.Event | None = None  # the TLS writer's
         self.closing = False
         self._detach = True
         self._inflight = 0
-        self._capacity = trio.Event()
+        self._capacity: trio.Event | None = None
         self._cancel: trio.CancelScope | None = None
+        self._reading: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self.ip = "?"
-        self.peer = "?"
+        self.port = 0
         try:
-            raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+            raw = stream if self._direct else stream.transport_stream
             peer = raw.socket.getpeername()
             self.ip = str(peer[0])
-            self.peer = f"{peer[0]}:{peer[1]}"
+            self.port = int(peer[1])
         except (OSError, AttributeError):
             pass
         self._tokens = float(cfg.frame_burst)
         self._refilled = time.monotonic()
 
+    @property
+    def peer(self) -> str:
+        return f"{self.ip}:{self.port}"
+
     # --- output ---------------------------------------------------------------------
 
     def push(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self._direct and not self._writing:
+            # Nothing queued: straight into the kernel's send buffer, no task switch.
+            try:
+                sent = os.write(self.stream.socket.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # reset, or already closed: the reader will see it too
+                self.abort()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._out.append(data)
+            self.out_bytes += len(data)
+            self._start_flush()
             return
         self._out.append(data)
         self.out_bytes += len(data)
@@ -292,7 +396,42 @@ class ClientConnection:
             self.out_bytes = 0
             self.abort()
             return
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    def _start_flush(self) -> None:
+        """The kernel buffer is full: a writer task sends the rest, in order."""
+        self._writing = True
+        if self._nursery is not None:
+            self._nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            while self._out:
+                data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+                self._out = []
+                self.out_bytes = 0
+                await self.stream.send_all(data)
+        except TRANSPORT_ERRORS:
+            self.abort()
+        finally:
+            self._writing = False
+
+    async def _tls_writer(self) -> None:
+        self._writing = True
+        try:
+            while True:
+                self._wake = trio.Event()
+                while self._out:
+                    data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+                    self._out = []
+                    self.out_bytes = 0
+                    await self.stream.send_all(data)
+                if self.closing:
+                    return
+                await self._wake.wait()
+        except TRANSPORT_ERRORS:
+            self.abort()
 
     def close(self, kind: str, code: str, reason: str, detach: bool = True,
               rid: int | None = None) -> None:
@@ -305,7 +444,10 @@ class ClientConnection:
         self.push(encode(frame))
         self.closing = True
         self._detach = detach
-        self._wake.set()
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._wake is not None:
+            self._wake.set()
 
     def abort(self) -> None:
         """Close at once, without flushing."""
@@ -322,19 +464,6 @@ class ClientConnection:
                 pass
         await self._aclose()
 
-    async def _writer(self) -> None:
-        stream = self.stream
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            if self._out:
-                data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-                self._out = []
-                self.out_bytes = 0
-                await stream.send_all(data)
-            if self.closing and not self._out:
-                return
-
     async def _aclose(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
             try:
@@ -348,19 +477,31 @@ class ClientConnection:
         try:
             with trio.CancelScope() as self._cancel:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader_then_stop, nursery.cancel_scope)
-                    try:
-                        await self._writer()
-                    except TRANSPORT_ERRORS:
-                        pass
-                    nursery.cancel_scope.cancel()
+                    self._nursery = nursery
+                    if not self._direct:
+                        nursery.start_soon(self._tls_writer)
+                    elif self._writing:  # pushed before run(): the kernel buffer was full
+                        nursery.start_soon(self._flush)
+                    with trio.CancelScope() as self._reading:
+                        await self._read_until_done()
+                    if not self.closing:
+                        # EOF or a transport error: nothing more can be written.
+                        self.closing = True
+                        nursery.cancel_scope.cancel()
+                    else:
+                        # Closing: the writer (if any) flushes the final frames.
+                        nursery.cancel_scope.deadline = min(
+                            nursery.cancel_scope.deadline,
+                            trio.current_time() + FINAL_FLUSH_TIMEOUT)
         finally:
+            self.closing = True
+            self._nursery = None
             await self._aclose()
-            if self.session is not None and self._detach and not self.gw.closing:
-                gw = self.gw
+            gw = self.gw
+            if self.session is not None and self._detach and not gw.closing:
                 gw.core.submit(Detach(self.session, self.epoch, gw.core.node_id), _ignore)
 
-    async def _reader_then_stop(self, scope: trio.CancelScope) -> None:
+    async def _read_until_done(self) -> None:
         try:
             await self._reader()
         except TRANSPORT_ERRORS:
@@ -369,13 +510,13 @@ class ClientConnection:
             self.gw.stats.protocol_errors += 1
             log.info("protocol error", peer=self.peer, code=e.code, reason=e.reason)
             self.close("error", e.code, e.reason)
-            return
-        if not self.closing:
-            # EOF or transport error: nothing more can be written.
-            scope.cancel()
 
     async def _next_frame(self) -> dict[str, Any] | None:
-        while not self._frames:
+        frames = self._frames
+        while self._fpos >= len(frames):
+            if frames:
+                frames.clear()
+                self._fpos = 0
             if self._broken is not None:
                 raise self._broken
             data = await self.stream.receive_some(65536)
@@ -384,12 +525,14 @@ class ClientConnection:
             self.decoder.feed(data)
             try:
                 for frame in self.decoder.frames():
-                    self._frames.append(frame)
+                    frames.append(frame)
             except RemoteProtocolError as e:
                 # Good frames that came before the bad one are still served.
                 self._broken = e
         self.gw.stats.frames_in += 1
-        return self._frames.popleft()
+        frame = frames[self._fpos]
+        self._fpos += 1
+        return frame
 
     async def _reader(self) -> None:
         cfg = self.gw.config
@@ -457,7 +600,7 @@ class ClientConnection:
                    else "cannot reach a majority")
             self.close("error", "fenced", f"this node {why}; connect to another node", rid=rid)
             return False
-        if gw.login_blocked(self.ip):
+        if gw.core.login_blocked(self.ip):
             gw.stats.rejected_rate += 1
             self.close("error", "rate-limited", "too many failed logins from this address; "
                        "try again in a minute", rid=rid)
@@ -472,7 +615,7 @@ class ClientConnection:
                 verify_token(gw.keys.token, frame["token"], user, now)
             except AuthError as e:
                 gw.stats.auth_failures += 1
-                gw.login_failed(self.ip)
+                gw.core.login_failed(self.ip)
                 log.info("login refused", peer=self.peer, user=user[:64], reason=str(e))
                 self.close("error", "auth-failed", str(e), rid=rid)
                 return False
@@ -492,10 +635,17 @@ class ClientConnection:
             if not result.ok:
                 if result.code == "bad-token":
                     gw.stats.auth_failures += 1
-                    gw.login_failed(self.ip)
+                    gw.core.login_failed(self.ip)
                 self.close("error", result.code or "internal", result.reason or "", rid=rid)
                 return
             assert result.value is not None
+            if self.closing:
+                # The connection is gone (closed while the login was in the log): the
+                # session waits for a resume like any other whose connection was lost.
+                if not gw.closing:
+                    gw.core.submit(Detach(sid, result.value["epoch"], gw.core.node_id),
+                                   _ignore)
+                return
             ok = True
             self.session = sid
             self.epoch = result.value["epoch"]
@@ -564,7 +714,9 @@ class ClientConnection:
     def _replier(self, rid: int | None) -> Callable[[Result], None]:
         def on_done(result: Result) -> None:
             self._inflight -= 1
-            self._capacity.set()
+            if self._capacity is not None:
+                self._capacity.set()
+                self._capacity = None
             if result.ok:
                 if rid is not None:
                     frame: dict[str, Any] = {"type": "ok", "rid": rid}

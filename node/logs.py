@@ -13,10 +13,15 @@ from typing import Any
 import structlog
 
 
-def configure(node_id: str | None, fmt: str = "kv", level: int = logging.INFO) -> None:
+def configure(node_id: str | None, fmt: str = "kv", level: int = logging.INFO,
+              worker: int | None = None) -> None:
+    """``worker``: this is gateway worker process number ``worker`` of the node."""
+
     def add_node(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
         if node_id is not None:
             event.setdefault("node", node_id)
+        if worker is not None:
+            event.setdefault("worker", worker)
         return event
 
     shared: list[Any] = [
@@ -31,7 +36,8 @@ def configure(node_id: str | None, fmt: str = "kv", level: int = logging.INFO) -
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.processors.KeyValueRenderer(
-            key_order=["timestamp", "level", "node", "logger", "event"], drop_missing=True)
+            key_order=["timestamp", "level", "node", "worker", "logger", "event"],
+            drop_missing=True)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

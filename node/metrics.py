@@ -18,13 +18,13 @@ from prometheus_client.registry import Collector
 
 from .config import format_addr
 from .core import Core
-from .gateway import Gateway
+from .interfaces import GatewayLike
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _NodeCollector(Collector):
-    def __init__(self, node_id: str, core: Core, gateway: Gateway):
+    def __init__(self, node_id: str, core: Core, gateway: GatewayLike):
         self.node_id = node_id
         self.core = core
         self.gateway = gateway
@@ -107,7 +107,7 @@ class _NodeCollector(Collector):
 class NodeMetrics:
     """The node's registry and its HTTP endpoint."""
 
-    def __init__(self, node_id: str, core: Core, gateway: Gateway,
+    def __init__(self, node_id: str, core: Core, gateway: GatewayLike,
                  ready: Callable[[], bool]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_NodeCollector(node_id, core, gateway))

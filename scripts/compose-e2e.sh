@@ -237,9 +237,9 @@ print(f"  time to healthy (up -d -> 3 nodes healthy)                {s['time_to_
 print(f"  failover time after the container kill (max / median)     "
       f"{s['failover_after_kill_s']:.2f} / {s['failover_after_kill_median_s']:.2f} s")
 for f in s["faults"]:
-    print(f"    {f['kind']:<10} {f['node']}: {f['clients']} clients resumed in max "
-          f"{f['failover_max_s']} s, first send after {f['first_send_s']} s, healthy again "
-          f"{f['heal_to_healthy_s']} s after healing")
+    print(f"    docker {f['kind']:<10} {f['node']} ({f['docker_command_s']:.2f} s): "
+          f"{f['clients']} clients resumed in max {f['failover_max_s']} s, first new send "
+          f"back after {f['first_send_s']} s; healthy {f['heal_to_healthy_s']} s after healing")
 print(f"  messages sent {s['messages_sent']}, lost = {s['messages_lost']}, "
       f"duplicated = {s['messages_duplicated']}")
 print(f"  4th node: up, added and healthy in {s['join_n4_s']:.1f} s")

@@ -112,8 +112,9 @@ class Fault:
     kind: str
     node: str
     affected: list[str]
-    started: float
-    failover_s: list[float] = field(default_factory=list)  # per affected client
+    started: float  # the docker command was issued
+    injected: float = 0.0  # the docker command returned: the fault is in place
+    failover_s: list[float] = field(default_factory=list)  # per client, from `injected`
     first_send_s: float | None = None  # first send returned by an affected client
     heal_s: float | None = None  # from healing to the node healthy again
 
@@ -238,6 +239,7 @@ class Scenario:
             await trio.to_thread.run_sync(docker, "pause", cid)
         else:
             await trio.to_thread.run_sync(docker, "network", "disconnect", network, cid)
+        f.injected = self.now()
         # Every affected client resumes elsewhere, with the same session.
         deadline = time.monotonic() + FAILOVER_LIMIT
         pending = {c.user for c in affected}
@@ -247,7 +249,7 @@ class Scenario:
                     continue
                 after = [(t, ev) for t, ev in c.reconnects if t >= f.started]
                 if after and c.session is not None and c.session.node_id != node:
-                    f.failover_s.append(after[0][0] - f.started)
+                    f.failover_s.append(max(0.0, after[0][0] - f.injected))
                     pending.discard(c.user)
             await trio.sleep(0.05)
         self.check(not pending, f"{kind} {node}: every client on it resumed elsewhere "
@@ -255,13 +257,14 @@ class Scenario:
         # ... and gets its sends through again: the first send started after the fault
         # that returned, over the affected clients.
         while affected and time.monotonic() < deadline:
-            done = [end for c in affected for start, end in c.sent_times if start >= f.started]
+            done = [end for c in affected for start, end in c.sent_times if start >= f.injected]
             if done:
-                f.first_send_s = min(done) - f.started
+                f.first_send_s = min(done) - f.injected
                 break
             await trio.sleep(0.05)
         self.check(not affected or f.first_send_s is not None,
                    f"{kind} {node}: its clients' sends go through again")
+        log(f"{kind} {node}: docker {kind} took {f.injected - f.started:.2f} s")
         if f.failover_s:
             log(f"{kind} {node}: resumed after {', '.join(f'{s:.2f}' for s in f.failover_s)} s; "
                 f"first send through after {f.first_send_s or 0:.2f} s")
@@ -405,6 +408,7 @@ class Scenario:
                  "failover_median_s": (round(statistics.median(f.failover_s), 3)
                                        if f.failover_s else None),
                  "first_send_s": round(f.first_send_s, 3) if f.first_send_s else None,
+                 "docker_command_s": round(f.injected - f.started, 3),
                  "heal_to_healthy_s": round(f.heal_s, 1) if f.heal_s else None}
                 for f in self.faults
             ],

@@ -1,0 +1,142 @@
+"""The channel between a node's core process and its gateway workers.
+
+Frames are the client protocol's framing (4-byte big-endian length + one CBOR
+map, ``node.protocol.HEADER``) with a short text ``t`` naming the frame, over a
+Unix socket pair the core creates for each worker. Both ends are our own
+processes, so frames are not checked against a schema; a malformed frame is a
+bug and ends the channel.
+
+Each side writes through ``Channel.send``, which appends to one ordered buffer
+that a single writer task flushes: every frame queued during one pass of the
+event loop goes out in one write, and frames leave in the order they were sent.
+The frames are listed in docs/failover.md ("Gateway workers").
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import cbor2
+import structlog
+import trio
+
+from .protocol import HEADER
+
+log = structlog.get_logger("switchboard.ipc")
+
+MAX_IPC_FRAME = 64 * 1024 * 1024
+MAX_BUFFERED = 512 * 1024 * 1024  # queued to a peer that does not read: it is stuck
+
+
+class ChannelBroken(Exception):
+    """The peer went away, or sent something that is not a frame."""
+
+
+def encode_ipc(frame: dict[str, Any]) -> bytes:
+    payload = cbor2.dumps(frame)
+    return HEADER.pack(len(payload)) + payload
+
+
+class IpcDecoder:
+    """Incremental decoder for IPC frames (no schema: both ends are ours)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def frames(self) -> Iterator[dict[str, Any]]:
+        buf = self._buf
+        pos = 0
+        try:
+            while len(buf) - pos >= 4:
+                (length,) = HEADER.unpack_from(buf, pos)
+                if length > MAX_IPC_FRAME:
+                    raise ChannelBroken(f"IPC frame of {length} bytes")
+                if len(buf) - pos - 4 < length:
+                    break
+                frame = cbor2.loads(bytes(buf[pos + 4: pos + 4 + length]))
+                pos += 4 + length
+                if not isinstance(frame, dict):
+                    raise ChannelBroken("an IPC frame is a CBOR map")
+                yield frame
+        finally:
+            if pos:
+                del buf[:pos]
+
+
+class Channel:
+    """One end of an IPC socket: ordered, coalescing sends and a frame reader."""
+
+    def __init__(self, sock: socket.socket, name: str):
+        sock.setblocking(False)
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self.name = name
+        self._out: list[bytes] = []
+        self.out_bytes = 0
+        self._wake = trio.Event()
+        self.closed = False
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue one frame (never blocks; frames leave in this order)."""
+        if self.closed:
+            return
+        data = encode_ipc(frame)
+        self._out.append(data)
+        self.out_bytes += len(data)
+        if self.out_bytes > MAX_BUFFERED:
+            log.error("IPC peer does not read; closing the channel", peer=self.name,
+                      queued=self.out_bytes)
+            self.close()
+            return
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._out.clear()
+        self._wake.set()
+        try:
+            self.stream.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    async def writer(self) -> None:
+        """Flush queued frames until the channel closes; returns on a broken peer."""
+        try:
+            while not self.closed:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._out and not self.closed:
+                    data = b"".join(self._out)
+                    self._out = []
+                    self.out_bytes = 0
+                    await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.closed = True
+
+    async def reader(self, handle: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``handle`` for each frame, in order, until the peer closes."""
+        decoder = IpcDecoder()
+        try:
+            while True:
+                data = await self.stream.receive_some(1 << 20)
+                if not data:
+                    return
+                decoder.feed(data)
+                for frame in decoder.frames():
+                    handle(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        except (ChannelBroken, cbor2.CBORDecodeError) as e:
+            log.error("bad IPC frame; closing the channel", peer=self.name, error=str(e))
+            return
+        finally:
+            self.closed = True
+
+    async def aclose(self) -> None:
+        self.closed = True
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
