@@ -82,6 +82,7 @@ class CoreStats:
     last_confirmed_age: float = math.inf
     fsyncs: int = 0
     fsync_seconds: float = 0.0
+    rewrites: tuple[int, int, int] = (0, 0, 0)
     raft: RaftStatus = field(default_factory=RaftStatus)
 
 
@@ -115,7 +116,8 @@ class Core:
         self._drain_scheduled = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._closing = False
-        self.last_confirmed = -math.inf
+        self.last_confirmed = -math.inf  # proposal time of our latest committed batch
+        self.last_progress = -math.inf  # when we last applied any committed entry
         self.fenced = True
         self._fence_changed = trio.Event()
         self.stats = CoreStats()
@@ -251,6 +253,7 @@ class Core:
 
     def _handle_applied(self, index: int, batch: AppliedBatch) -> None:
         self.stats.applied_index = index
+        self.last_progress = time.monotonic()
         mine = batch.origin == self.node_id and batch.inc == self.inc
         pending = self._pending
         sink = self.effect_sink
@@ -309,7 +312,12 @@ class Core:
     # --- fencing -------------------------------------------------------------------
 
     def _update_fence(self, now: float) -> None:
-        fenced = now - self.last_confirmed > self.config.fence_after
+        # Cut off: nothing committed reaches us (no leader with a majority talks to
+        # us), or our own entries stop committing (the leader cannot hear us). The
+        # second, looser bound keeps a merely overloaded node serving.
+        after = self.config.fence_after
+        fenced = (now - self.last_progress > after
+                  or now - self.last_confirmed > 3 * after)
         if fenced != self.fenced:
             self.fenced = fenced
             self.stats.fenced = fenced
@@ -492,6 +500,7 @@ class Core:
         st.fenced = self.fenced
         st.last_confirmed_age = time.monotonic() - self.last_confirmed
         st.fsyncs, st.fsync_seconds = ReplicatedLog.fsync_statistics()
+        st.rewrites = ReplicatedLog.rewrite_statistics()
         if self.log is not None:
             st.raft = self.log.status()
         return st

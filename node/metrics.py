@@ -102,6 +102,11 @@ class _NodeCollector(Collector):
         yield counter("request_timeouts", "Requests answered 'unavailable'", cs.timeouts)
         yield counter("journal_fsyncs", "fsync calls on the Raft journal", cs.fsyncs)
         yield counter("journal_fsync_seconds", "Time spent in journal fsync", cs.fsync_seconds)
+        skipped, replaced, _resent = cs.rewrites
+        yield counter("journal_resent_skipped", "Re-sent log entries already in place "
+                      "(not rewritten)", skipped)
+        yield counter("journal_replaced", "Log entries replaced by different ones "
+                      "(uncommitted entries of a deposed leader)", replaced)
 
 
 class NodeMetrics:

@@ -105,34 +105,111 @@ class RaftStatus:
 
 
 class _DurableFileJournal(_pjournal.FileJournal):
-    """pysyncobj's FileJournal, with every change fsynced before it is acknowledged.
+    """pysyncobj's FileJournal, fsynced, without pointless rewrites.
 
-    pysyncobj writes its journal through mmap and never syncs it; an entry a
-    follower acknowledged could vanish with a power loss. Each group-commit batch
-    is one entry, so this is one fsync per batch per node.
+    Durability: pysyncobj writes its journal through mmap and never syncs it; an
+    entry a follower acknowledged could vanish with a power loss. Here every
+    change is fsynced before pysyncobj acknowledges it (one fsync per group-commit
+    batch per node) unless ``fsync`` is off.
+
+    Rewrites: when a leader re-sends entries a follower already has (it does so
+    whenever more than one entry is in flight), pysyncobj truncates the follower's
+    log at the first re-sent entry and appends them all again. The truncation is
+    deferred here: re-appended entries identical to the ones in place are
+    skipped, and only the first differing entry (or the next read) performs the
+    real truncation, so the log ends exactly where pysyncobj expects while
+    identical entries are neither rewritten nor fsynced again.
     """
 
     fsync_count = 0
     fsync_seconds = 0.0
+    skipped_identical = 0
+    replaced = 0
+
+    def __init__(self, journal_file: str, fsync: bool):
+        self._fsync = fsync
+        self._cut: int | None = None
+        super().__init__(journal_file)
 
     def _sync(self) -> None:
+        if not self._fsync:
+            return
         f = self._FileJournal__journalFile._ResizableFile__f
         t0 = time.perf_counter()
         os.fsync(f.fileno())
         _DurableFileJournal.fsync_seconds += time.perf_counter() - t0
         _DurableFileJournal.fsync_count += 1
 
+    def _settle(self) -> None:
+        """Carry out a deferred truncation."""
+        cut, self._cut = self._cut, None
+        if cut is not None and cut < super().__len__():
+            super().deleteEntriesFrom(cut)
+            self._sync()
+
     def add(self, command: bytes, idx: int, term: int) -> None:
+        if self._cut is not None:
+            if self._cut < super().__len__():
+                have = super().__getitem__(self._cut)
+                if have[1] == idx and have[2] == term and bytes(have[0]) == bytes(command):
+                    self._cut += 1
+                    _DurableFileJournal.skipped_identical += 1
+                    return
+                if have[1] == idx:
+                    _DurableFileJournal.replaced += 1
+                    log.warning("replacing log entry %d (term %d) with one of term %d",
+                                idx, have[2], term)
+            self._settle()
         super().add(command, idx, term)
         self._sync()
 
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        self._settle()
+        self._cut = entryFrom
+
     def clear(self) -> None:
+        self._cut = None
         super().clear()
         self._sync()
 
-    def deleteEntriesFrom(self, entryFrom: int) -> None:
-        super().deleteEntriesFrom(entryFrom)
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        self._settle()
+        super().deleteEntriesTo(entryTo)
         self._sync()
+
+    def __getitem__(self, item: Any) -> Any:
+        self._settle()
+        return super().__getitem__(item)
+
+    def __len__(self) -> int:
+        self._settle()
+        return super().__len__()
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        self._settle()
+        super().setRaftCommitIndex(raftCommitIndex)
+
+    def _destroy(self) -> None:
+        self._settle()
+        super()._destroy()
+
+
+class _ResentFilter(logging.Filter):
+    """pysyncobj logs CRITICAL "truncating already-applied log entries ... may have
+    diverged" each time a leader re-sends entries a follower already applied. The
+    journal above checks what is actually re-appended (identical entries are kept,
+    a different one is logged as a replacement), so the line is counted, not shown."""
+
+    count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("truncating already-applied log entries"):
+            _ResentFilter.count += 1
+            return False
+        return True
+
+
+logging.getLogger("pysyncobj.syncobj").addFilter(_ResentFilter())
 
 
 class _DurableMetaStorer(_pjournal.MetaStorer):
@@ -199,8 +276,8 @@ _fsync_enabled = threading.local()
 
 
 def _create_journal(journal_file: str | None = None) -> Any:
-    if journal_file is not None and getattr(_fsync_enabled, "on", False):
-        return _DurableFileJournal(journal_file)
+    if journal_file is not None:
+        return _DurableFileJournal(journal_file, getattr(_fsync_enabled, "on", False))
     return _pjournal.createJournal(journal_file)
 
 
@@ -407,6 +484,13 @@ class ReplicatedLog:
     def fsync_statistics() -> tuple[int, float]:
         """(fsyncs done, seconds spent in them) by this process's journals."""
         return _DurableFileJournal.fsync_count, _DurableFileJournal.fsync_seconds
+
+    @staticmethod
+    def rewrite_statistics() -> tuple[int, int, int]:
+        """(re-sent identical entries skipped, entries replaced by different ones,
+        pysyncobj 'truncating already-applied' events)."""
+        return (_DurableFileJournal.skipped_identical, _DurableFileJournal.replaced,
+                _ResentFilter.count)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the tick thread, close sockets and files, reap compaction children."""
