@@ -29,7 +29,6 @@ from .generator import Fault, schedule
 from .history import History
 from .nemesis import Membership, Nemesis
 from .netns import Network, available
-from .timeline import plot_timeline
 from .workload import WorkloadClient, WorkloadConfig
 
 BASE_PORT = 7000
@@ -146,6 +145,8 @@ async def run_chaos(opts: ChaosOptions, progress: Any = None) -> dict[str, Any]:
     report["replay"] = opts.replay_command()
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     try:
+        from .timeline import plot_timeline  # matplotlib: the optional 'chaos' extra
+
         plot_timeline(history, out / "timeline.png",
                       f"switchboard chaos: {opts.nodes} nodes, seed {opts.seed}, "
                       f"{'valid' if report['valid'] else 'INVALID'}")

@@ -388,6 +388,9 @@ class ReplicatedLog:
             dynamicMembershipChange=config.dynamic_membership,
             commandsWaitLeader=True,
             tcp_keepalive=(5, 1, 3),
+            # A restarted peer (a container) may come back with another address.
+            dnsCacheTime=2.0,
+            dnsFailCacheTime=1.0,
         )
         self._consumer = _TableConsumer(self.applier, on_applied, on_restored)
         self._status = RaftStatus()

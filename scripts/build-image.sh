@@ -55,8 +55,15 @@ start=$(date +%s)
 say "building wheels with $PYTHON (Python $host_py) into build/docker-wheels/"
 rm -rf "$WHEELS"
 mkdir -p "$WHEELS"
+# Build from a clean copy of the tree: setuptools' scratch folder build/lib would
+# otherwise carry modules deleted since an earlier build into the wheel.
+SRC=$(mktemp -d /tmp/switchboard-src.XXXXXX)
+trap 'rm -rf "$SRC"' EXIT
+tar -C "$ROOT" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./data \
+    --exclude=./chaos-runs --exclude=./bench-runs --exclude='*.egg-info' \
+    --exclude=__pycache__ --exclude='.*_cache' --exclude=./.hypothesis -cf - . | tar -C "$SRC" -xf -
 # The project and every runtime dependency, as the resolver picks them now.
-if ! "$PYTHON" -m pip wheel --disable-pip-version-check --wheel-dir "$WHEELS" "$ROOT" \
+if ! "$PYTHON" -m pip wheel --disable-pip-version-check --wheel-dir "$WHEELS" "$SRC" \
         >"$ROOT/build/pip-wheel.log" 2>&1; then
     tail -n 30 "$ROOT/build/pip-wheel.log" >&2
     die "pip wheel failed (full log: build/pip-wheel.log)"
@@ -71,7 +78,7 @@ say "$n wheels ($(du -sh "$WHEELS" | cut -f1)) in $(( $(date +%s) - start )) s"
 old_id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 say "docker build -t $IMAGE --build-arg BASE_IMAGE=$BASE_IMAGE (no network inside)"
 # --network none: prove the build needs nothing from outside.
-if ! docker build --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" \
+if ! docker build --force-rm --network none --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE" \
         -f "$ROOT/Dockerfile" "$ROOT" >"$ROOT/build/docker-build.log" 2>&1; then
     tail -n 40 "$ROOT/build/docker-build.log" >&2
     die "docker build failed (full log: build/docker-build.log)"

@@ -17,6 +17,10 @@ session id. At the end every message whose ``send`` returned must have been
 received exactly once, nobody may have been seen going offline, and the final
 presence change must reach every watcher. Prints a report and, as its last line,
 ``E2E-RESULT {json}``; exits 1 if a check failed.
+
+Times per fault: ``failover`` runs from issuing the docker command (which itself
+takes ``docker_command_s``) to the client's ``Reconnected`` event; ``first_send``
+to the first send, started once the fault was in place, that returned.
 """
 
 from __future__ import annotations
@@ -114,8 +118,8 @@ class Fault:
     affected: list[str]
     started: float  # the docker command was issued
     injected: float = 0.0  # the docker command returned: the fault is in place
-    failover_s: list[float] = field(default_factory=list)  # per client, from `injected`
-    first_send_s: float | None = None  # first send returned by an affected client
+    failover_s: list[float] = field(default_factory=list)  # per client, from `started`
+    first_send_s: float | None = None  # first new send back, over the affected clients
     heal_s: float | None = None  # from healing to the node healthy again
 
 
@@ -249,7 +253,7 @@ class Scenario:
                     continue
                 after = [(t, ev) for t, ev in c.reconnects if t >= f.started]
                 if after and c.session is not None and c.session.node_id != node:
-                    f.failover_s.append(max(0.0, after[0][0] - f.injected))
+                    f.failover_s.append(after[0][0] - f.started)
                     pending.discard(c.user)
             await trio.sleep(0.05)
         self.check(not pending, f"{kind} {node}: every client on it resumed elsewhere "
@@ -259,7 +263,7 @@ class Scenario:
         while affected and time.monotonic() < deadline:
             done = [end for c in affected for start, end in c.sent_times if start >= f.injected]
             if done:
-                f.first_send_s = min(done) - f.injected
+                f.first_send_s = min(done) - f.started
                 break
             await trio.sleep(0.05)
         self.check(not affected or f.first_send_s is not None,
