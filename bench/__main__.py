@@ -17,6 +17,11 @@ BENCHES: dict[str, str] = {
     "failover": "SIGKILL of a follower / the leader: time to the resumed session's first "
                 "redelivered message (client library)",
     "fsync": "presence commit latency and max throughput with fsync on vs --no-fsync",
+    "replication": "the replicated log alone (3 processes): ReplicatedLog + SessionTable vs "
+                   "raw pysyncobj group commit, max commands/s and commit latency",
+    "fanout": "one presence change reaching 10,000 subscribers spread over 3 nodes",
+    "zookeeper": "side by side with a 3-server ZooKeeper ensemble (kazoo): sessions/s, "
+                 "presence updates, session survival after a server kill",
 }
 
 

@@ -30,9 +30,22 @@ ReplyHook = Callable[["RawConn", str, float, dict[str, Any], float], None]
 """(conn, kind, t_sent, frame, t_received) for each ``ok``/``error`` reply."""
 DeliverHook = Callable[["RawConn", dict[str, Any], float], None]
 """(conn, deliver frame, t_received) for each ``deliver``."""
+PresenceHook = Callable[["RawConn", dict[str, Any], float], None]
+"""(conn, presence-event frame, t_received) for each ``presence-event``."""
 
 TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 STAMP = struct.Struct("<dI")  # (send time, sender index) at the head of a message body
+SO_TIMESTAMPNS = 35  # Linux: kernel receive time stamps (SCM_TIMESTAMPNS has the same value)
+_TIMESPEC = struct.Struct("@qq")
+
+
+def _kernel_stamp(ancdata: list[tuple[int, int, bytes]]) -> float | None:
+    """CLOCK_REALTIME seconds from an SCM_TIMESTAMPNS control message, if any."""
+    for level, kind, data in ancdata:
+        if level == trio.socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return sec + nsec / 1e9
+    return None
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -83,6 +96,10 @@ def _no_deliver(_c: RawConn, _f: dict[str, Any], _n: float) -> None:
     pass
 
 
+def _no_presence(_c: RawConn, _f: dict[str, Any], _n: float) -> None:
+    pass
+
+
 class RawConn:
     """One client connection speaking the wire protocol directly."""
 
@@ -95,6 +112,7 @@ class RawConn:
         self.counters = counters
         self.on_reply: ReplyHook = _no_reply
         self.on_deliver: DeliverHook = _no_deliver
+        self.on_presence: PresenceHook = _no_presence
         self.stream: trio.SocketStream | None = None
         self.decoder = FrameDecoder(SERVER_FRAMES)
         self.pending: dict[int, tuple[str, float]] = {}
@@ -111,6 +129,11 @@ class RawConn:
         self.dropped = False  # the node closed (or reset) the connection while in use
         self.bye_code: str | None = None
         self.last_tx = 0.0
+        # With kernel_stamps (set before connect), each read also records when the
+        # kernel received its data (rx_kernel, CLOCK_REALTIME): a busy load
+        # generator then cannot inflate a measured delivery time.
+        self.kernel_stamps = False
+        self.rx_kernel: float | None = None
         self._out: list[bytes] = []
         self._wake = trio.Event()
 
@@ -122,6 +145,8 @@ class RawConn:
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         try:
             sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+            if self.kernel_stamps:
+                sock.setsockopt(trio.socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             await sock.connect(_split(self.addr))
         except BaseException:
             sock.close()
@@ -184,7 +209,11 @@ class RawConn:
         pending = self.pending
         try:
             while True:
-                data = await stream.receive_some(262144)
+                if self.kernel_stamps:
+                    data, anc, _flags, _addr = await stream.socket.recvmsg(262144, 256)
+                    self.rx_kernel = _kernel_stamp(anc)
+                else:
+                    data = await stream.receive_some(262144)
                 if not data:
                     break
                 now = time.perf_counter()
@@ -208,11 +237,13 @@ class RawConn:
                         self.node = f["node"]
                         self.t_login_ok = now
                         self.logged_in.set()
+                    elif t == "presence-event":
+                        self.on_presence(self, f, now)
                     elif t == "bye":
                         self.bye_code = f["code"]
                         if not self.closing:
                             self.counters.byes[f["code"]] = self.counters.byes.get(f["code"], 0) + 1
-                    # pong, presence-event: nothing to do
+                    # pong: nothing to do
         except RemoteProtocolError:
             self.counters.protocol_errors += 1
         except TRANSPORT_ERRORS:

@@ -84,7 +84,9 @@ class WorkloadClient:
                         await self._setup(s)
                         self.ready.set()
                         await self._work(s, stop)
-                        nursery.cancel_scope.cancel()
+                        # Keep observing (and acking) until the run ends: a message
+                        # sent just before the stop may be delivered after it.
+                        await trio.sleep_forever()
                     # connect(logout=False): leaving does not log out, since a logout
                     # would make contacts see the user go offline after the run.
                     raise _Stop

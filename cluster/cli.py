@@ -51,6 +51,11 @@ def _port(text: str) -> int:
     return v
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Switchboard: a fault-tolerant presence and "
                 "messaging cluster.")
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--json", action="store_true", help="one JSON object per node on stdout")
     up.add_argument("--grace", type=_positive, help="session resume window in seconds")
     up.add_argument("--no-fsync", action="store_true", help="do not fsync the Raft journal")
+    up.add_argument("--workers", type=int, default=None,
+                    help="gateway worker processes per node (default: the number of CPUs; "
+                    "0: in the node's process)")
 
     nd = sub.add_parser("node", help="run one node")
     nd.add_argument("--id", required=True, help="this node's id, e.g. n1")
@@ -121,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tk = sub.add_parser("token", help="print a login token for USER")
     tk.add_argument("user")
-    tk.add_argument("--secret-file", type=Path, required=True)
+    tk.add_argument("--secret-file", type=Path, default=_env_path("SWITCHBOARD_SECRET_FILE"),
+                    required=_env_path("SWITCHBOARD_SECRET_FILE") is None,
+                    help="the cluster secret (or $SWITCHBOARD_SECRET_FILE)")
     tk.add_argument("--ttl", type=_positive, default=86400.0,
                     help="seconds until the token expires (default one day)")
 
@@ -149,8 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only remove namespaces left by runs that died, then exit")
 
     ad = sub.add_parser("admin", help="inspect and change a running cluster")
-    ad.add_argument("--cluster", required=True, help="admin addresses host:port,...")
-    ad.add_argument("--secret-file", type=Path, default=Path("data/secret"))
+    ad.add_argument("--cluster", default=os.environ.get("SWITCHBOARD_CLUSTER"),
+                    required=os.environ.get("SWITCHBOARD_CLUSTER") is None,
+                    help="admin addresses host:port,... (or $SWITCHBOARD_CLUSTER)")
+    ad.add_argument("--secret-file", type=Path,
+                    default=_env_path("SWITCHBOARD_SECRET_FILE") or Path("data/secret"),
+                    help="the cluster secret (or $SWITCHBOARD_SECRET_FILE; default "
+                    "data/secret)")
     adsub = ad.add_subparsers(dest="admin_command", metavar="ACTION", parser_class=_Parser)
     adsub.required = True
     st = adsub.add_parser("status", help="one row per node")
@@ -307,6 +322,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         node_args += ["--grace", str(args.grace)]
     if args.no_fsync:
         node_args.append("--no-fsync")
+    if args.workers is not None:
+        node_args += ["--workers", str(args.workers)]
     try:
         cluster = LocalCluster(args.data_dir, args.nodes, args.host, args.base_port, node_args)
     except LaunchError as e:

@@ -159,6 +159,7 @@ class AdminServer:
             return {"type": "error", "code": e.code, "reason": e.reason}
 
     async def _status(self, _args: dict[str, Any]) -> dict[str, Any]:
+        await self.gateway.refresh()
         return node_status(self.config, self.core, self.gateway, self.addresses, self.started)
 
     # --- membership (one change at a time, on the leader) ----------------------

@@ -103,6 +103,9 @@ class Core:
         # Called after every batch of replication events and fence change: whoever
         # mirrors serving()/member/fenced elsewhere (gateway workers) compares here.
         self.state_sink: Callable[[], None] = lambda: None
+        # batch_sink(True) before a run of results and effects, (False) after: the
+        # gateway holds its writes meanwhile, so each connection gets one write.
+        self.batch_sink: Callable[[bool], None] = lambda start: None
         self.failed_logins = FailedLogins(config.failed_logins)
         self.observe_commit: Callable[[float], None] | None = None
         self._queue: deque[tuple[int, Command]] = deque()
@@ -128,13 +131,15 @@ class Core:
     # --- submitting commands (Trio thread) --------------------------------------
 
     def submit(self, cmd: Command, on_done: Callable[[Result], None],
-               timeout: float | None = None, keep: bool = True) -> None:
+               timeout: float | None = None, keep: bool = True,
+               source: str | None = None) -> None:
         """Queue ``cmd`` for the log; ``on_done(result)`` is called exactly once.
 
         If it is not committed within ``timeout``, ``on_done`` gets 'unavailable'
         (the outcome is unknown) and, with ``keep``, the command still goes to the
         log in its turn: dropping it would let a later command of the same session
-        overtake it.
+        overtake it. (``source`` is for gateway workers; an in-process gateway checks
+        the client's address itself.)
         """
         if self._closing:
             on_done(SHUTDOWN)
@@ -232,6 +237,17 @@ class Core:
             items = list(self._handoff)
             self._handoff.clear()
             self._drain_scheduled = False
+        self.batch_sink(True)
+        try:
+            self._handle_events(items)
+        finally:
+            self.batch_sink(False)
+        try:
+            self.state_sink()
+        except Exception:
+            log.exception("state_sink failed")
+
+    def _handle_events(self, items: list[tuple[str, Any]]) -> None:
         for kind, payload in items:
             try:
                 if kind == "applied":
@@ -246,10 +262,6 @@ class Core:
                     event.set()
             except Exception:  # a bug here must not take the Trio loop down
                 log.exception("handling a replication event failed", kind=kind)
-        try:
-            self.state_sink()
-        except Exception:
-            log.exception("state_sink failed")
 
     def _handle_applied(self, index: int, batch: AppliedBatch) -> None:
         self.stats.applied_index = index
@@ -321,8 +333,9 @@ class Core:
         if fenced != self.fenced:
             self.fenced = fenced
             self.stats.fenced = fenced
-            log.warning("fenced" if fenced else "unfenced",
-                        last_commit_age=round(now - self.last_confirmed, 3))
+            (log.warning if fenced else log.info)(
+                "fenced" if fenced else "unfenced",
+                last_commit_age=round(now - self.last_confirmed, 3))
             self._fence_changed.set()
             self._fence_changed = trio.Event()
             try:
@@ -361,10 +374,10 @@ class Core:
     def login_failed(self, ip: str) -> None:
         self.failed_logins.failed(ip)
 
-    def connections_elsewhere(self) -> int:
-        return 0
+    def reserve_connection(self) -> bool:
+        return True  # one gateway process: it counts its own connections
 
-    def connections_changed(self, count: int) -> None:
+    def release_connection(self) -> None:
         pass
 
     async def wait_fence_changed(self) -> None:

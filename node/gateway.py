@@ -5,18 +5,20 @@ A gateway runs in the node's process (``--workers 0``) or in each of the node's
 gateway worker processes (``node.worker``), which share the client port with
 SO_REUSEPORT; either way it talks to the core through ``node.interfaces.CoreLike``.
 
-Each connection has one task, its reader, which decodes frames
-(``node.protocol``) and dispatches them without waiting for commits (requests
-are pipelined: a reply is queued when the core calls back). Output does not
-need a task: on a plain TCP connection ``push`` writes the bytes at once with a
-non-blocking send, and only when the kernel's send buffer is full does it queue
-the rest and start a writer task (in the connection's nursery) that flushes
-the queue with ``send_all`` and ends when it is empty; bytes always leave in
-push order. A TLS connection keeps a writer task for its whole life (an
-``SSLStream`` cannot be written synchronously). A connection whose queue grows
-past ``outbox_limit`` is dropped (its session waits for a resume, and nothing
-acknowledged is lost: the mailbox keeps every message until the recipient acks
-it).
+Connections are plain non-blocking sockets (no Trio stream objects), each with
+one task: its reader, which decodes frames (``node.protocol``) and dispatches
+them without waiting for commits (requests are pipelined: a reply is queued
+when the core calls back). Output needs no task: ``push`` writes the bytes at
+once with a non-blocking ``send``; only when the kernel's send buffer is full
+does it queue the rest and start a writer task that flushes the queue and ends
+when it is empty. Bytes always leave in push order, and a fan-out writes to each
+recipient without a scheduler round trip. A TLS connection keeps a writer task
+for its whole life (an ``SSLStream`` cannot be written synchronously). Login
+deadlines and idle connections are checked by one sweeper for all connections,
+so an idle logged-in connection costs one parked task and a few small objects
+(about 4 KB). A connection whose queue grows past ``outbox_limit`` is dropped
+(its session waits for a resume, and nothing acknowledged is lost: the mailbox
+keeps every message until the recipient acks it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import errno
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,25 +97,30 @@ PROCESS_MAX_CONNECTIONS = 19_000
 """Client connections one process may hold, whatever --max-connections says: the
 hard limit on open files is 20,000 per process here (see the notes on machines)."""
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_IGNORED_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
 FINAL_FLUSH_TIMEOUT = 10.0  # a closing connection's last frames, to a client that reads
+SWEEP_PERIOD = 1.0  # login deadlines and idle connections are checked this often
 
 
-async def open_reuseport_listener(host: str, port: int) -> trio.SocketListener:
-    """A listener on ``host:port`` with SO_REUSEPORT: every gateway worker of a node
-    binds one, and the kernel spreads new connections over them."""
+def listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The client listener: a non-blocking socket (backlog 4096). With ``reuse_port``
+    (gateway workers) SO_REUSEPORT is set, every worker of a node binds one, and the
+    kernel spreads new connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind((host, port))
+        sock.bind((host, port))
         sock.listen(4096)
+        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
 
 
 class Gateway:
@@ -130,17 +138,22 @@ class Gateway:
         self.address: str | None = None
         self._listening = False
         self._accepting: trio.CancelScope | None = None
+        self._handlers: trio.Nursery | None = None
         self.max_here = min(config.max_connections, PROCESS_MAX_CONNECTIONS)
         self.accepted_burst = 0  # connections accepted since the last look (worker GC)
+        self.burst = float(config.frame_burst)
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_cert_chain(str(config.tls_cert), str(config.tls_key))
             self.ssl_context = ctx
+        self._corked = False
+        self._dirty: list[ClientConnection] = []
         core.effect_sink = self.handle_effects
         core.restore_sink = self.handle_restore
         core.fence_sink = self.handle_fence
+        core.batch_sink = self.cork
 
     @property
     def drained(self) -> bool:
@@ -149,75 +162,102 @@ class Gateway:
     async def serve(self, *, reuse_port: bool = False,
                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = self.config.listen
-        tcp: list[trio.SocketListener]
-        if reuse_port:
-            tcp = [await open_reuseport_listener(host, port)]
-        else:
-            tcp = await trio.open_tcp_listeners(port, host=host, backlog=4096)
-        sockname = tcp[0].socket.getsockname()
-        self.address = format_addr(host, sockname[1])
-        listeners: list[trio.abc.Listener[Any]] = list(tcp)
-        if self.ssl_context is not None:
-            listeners = [trio.SSLListener(t, self.ssl_context, https_compatible=False)
-                         for t in tcp]
+        lsock = listen_socket(host, port, reuse_port)
+        self.address = format_addr(host, lsock.getsockname()[1])
         try:
             async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                handlers.start_soon(self._sweep)
                 async with trio.open_nursery() as acceptors:
                     self._accepting = acceptors.cancel_scope
-                    for listener in listeners:
-                        acceptors.start_soon(self._accept_loop, listener, handlers)
+                    acceptors.start_soon(self._accept_loop, lsock, handlers)
                     self._listening = True
                     task_status.started(self.address)
-                # Shutting down: the listeners are closed; connections finish on their own.
+                # Shutting down: the listener is closed; connections finish on their own.
                 self._listening = False
         finally:
             self._listening = False
+            trio.lowlevel.notify_closing(lsock)
+            lsock.close()
 
     def listening(self) -> bool:
         return self._listening and not self.closing
 
-    async def _accept_loop(self, listener: trio.abc.Listener[Any], handlers: trio.Nursery
-                           ) -> None:
-        """Accept, and decide admission at once (before the next accept), so that the
-        node-wide connection count sees connections in the order they were accepted."""
-        try:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.error("accept failed; retrying", error=os.strerror(exc.errno or 0))
-                    await trio.sleep(0.1)
+    async def _accept_loop(self, lsock: socket.socket, handlers: trio.Nursery) -> None:
+        """Accept, and decide admission at once (before the next accept). The
+        connections are plain sockets: no Trio stream objects per connection."""
+        while True:
+            try:
+                sock, addr = lsock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(lsock)
+                continue
+            except OSError as exc:
+                if exc.errno in ACCEPT_IGNORED_ERRNOS:
                     continue
-                self.stats.connections_total += 1
-                conn = ClientConnection(self, stream)
-                here = len(self.connections)
-                if (here >= self.max_here or here + self.core.connections_elsewhere()
-                        >= self.config.max_connections):
-                    self.stats.rejected_full += 1
-                    handlers.start_soon(conn.refuse, "overloaded",
-                                        "this node is full; connect to another node")
-                    continue
-                if self.closing:
-                    handlers.start_soon(conn.refuse, "shutdown", "the node is shutting down")
-                    continue
-                self.connections.add(conn)
-                self.core.connections_changed(len(self.connections))
-                self.accepted_burst += 1
-                handlers.start_soon(self._handle, conn)
-        finally:
-            with trio.CancelScope(shield=True):
-                await listener.aclose()
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed; retrying", error=os.strerror(exc.errno or 0))
+                await trio.sleep(0.1)
+                continue
+            self._admit(sock, addr, handlers)
+            await trio.lowlevel.checkpoint()
 
-    async def _handle(self, conn: ClientConnection) -> None:
+    def _admit(self, sock: socket.socket, addr: Any, handlers: trio.Nursery) -> None:
+        sock.setblocking(False)
         try:
-            await conn.run()
-        finally:
-            self.connections.discard(conn)
-            self.core.connections_changed(len(self.connections))
-            if conn.session is not None and self.sessions.get(conn.session) is conn:
-                del self.sessions[conn.session]
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.stats.connections_total += 1
+        conn = ClientConnection(self, sock, addr)
+        if self.closing:
+            handlers.start_soon(conn.refuse, "shutdown", "the node is shutting down")
+            return
+        if len(self.connections) >= self.max_here or not self.core.reserve_connection():
+            self.stats.rejected_full += 1
+            handlers.start_soon(conn.refuse, "overloaded",
+                                "this node is full; connect to another node")
+            return
+        self.connections.add(conn)
+        self.accepted_burst += 1
+        handlers.start_soon(conn.run)
+
+    def _finished(self, conn: ClientConnection) -> None:
+        """``conn`` is closed (called once, from its task)."""
+        self.connections.discard(conn)
+        self.core.release_connection()
+        if conn.session is not None and self.sessions.get(conn.session) is conn:
+            del self.sessions[conn.session]
+
+    async def _sweep(self) -> None:
+        """Login deadlines and idle connections, for all connections at once: no
+        timer per connection."""
+        cfg = self.config
+        idle = cfg.client_heartbeat * 2.5
+        while True:
+            await trio.sleep(SWEEP_PERIOD)
+            now = time.monotonic()
+            for c in list(self.connections):
+                if c.closing:
+                    continue
+                if c.phase == WAITING_LOGIN:
+                    if now - c.last_rx > cfg.login_deadline:
+                        c.close("error", "timeout", f"no login within {cfg.login_deadline:g} s")
+                elif c.phase == LOGGED_IN and now - c.last_rx > idle:
+                    c.close("error", "timeout", f"no frame for {idle:g} s")
+
+    def cork(self, start: bool) -> None:
+        """While corked, connections queue what they are given; uncorking writes each
+        connection's queue with one send (a reply and the messages of one commit
+        reach a client together)."""
+        if start:
+            self._corked = True
+            return
+        self._corked = False
+        dirty, self._dirty = self._dirty, []
+        for c in dirty:
+            c.send_queued()
 
     # --- sessions on this node ----------------------------------------------------
 
@@ -310,56 +350,61 @@ class Gateway:
         st.outbox_bytes = sum(c.out_bytes for c in self.connections)
         return st
 
+    async def refresh(self) -> None:
+        pass
+
     def workers(self) -> list[dict[str, Any]]:
         return []
 
 
+WAITING_LOGIN, AUTHENTICATING, LOGGED_IN = 0, 1, 2
+
+
 class ClientConnection:
-    """One client: one task (the reader); output is written from ``push`` itself.
+    """One client: one task, which reads; output is written from ``push`` itself.
     See the module docstring."""
 
     __slots__ = (
-        "_broken", "_cancel", "_capacity", "_detach", "_direct", "_fpos", "_frames",
-        "_inflight", "_nursery", "_out", "_reading", "_refilled", "_tokens", "_wake",
-        "_writing", "closing", "decoder", "epoch", "gw", "ip", "out_bytes", "port",
-        "session", "stream", "user",
+        "_aborted", "_capacity", "_detach", "_direct", "_flushed", "_inflight",
+        "_login_wait", "_out", "_refilled", "_tokens", "_wake", "_writing", "closing",
+        "decoder", "epoch", "gw", "ip", "last_rx", "out_bytes", "phase", "port", "session",
+        "sock", "stream", "user",
     )
 
-    def __init__(self, gateway: Gateway, stream: Any):
+    def __init__(self, gateway: Gateway, sock: socket.socket, addr: Any):
         self.gw = gateway
-        self.stream = stream  # a trio SocketStream, or an SSLStream around one
-        cfg = gateway.config
-        self.decoder = FrameDecoder(CLIENT_FRAMES, cfg.max_frame)
-        self._frames: list[dict[str, Any]] = []
-        self._fpos = 0
-        self._broken: RemoteProtocolError | None = None
+        self.sock = sock  # non-blocking
+        self.stream: trio.SSLStream[trio.SocketStream] | None = None
+        self._direct = gateway.ssl_context is None  # push() writes on the socket itself
+        if not self._direct:
+            assert gateway.ssl_context is not None
+            self.stream = trio.SSLStream(
+                trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                gateway.ssl_context, server_side=True, https_compatible=False)
+        self.decoder = FrameDecoder(CLIENT_FRAMES, gateway.config.max_frame)
         self.session: str | None = None
         self.epoch = 0
         self.user: str | None = None
-        # Plain TCP: push() writes with a non-blocking send on the socket itself.
-        self._direct = isinstance(stream, trio.SocketStream)
+        self.phase = WAITING_LOGIN
+        self.last_rx = time.monotonic()  # accepted, then the last bytes received
         self._out: list[bytes] = []
         self.out_bytes = 0
-        self._writing = False  # a writer task owns the stream's sending side
+        self._writing = False  # a writer task owns the socket's sending side
+        self._flushed: trio.Event | None = None
         self._wake: trio.Event | None = None  # the TLS writer's
         self.closing = False
+        self._aborted = False
         self._detach = True
         self._inflight = 0
         self._capacity: trio.Event | None = None
-        self._cancel: trio.CancelScope | None = None
-        self._reading: trio.CancelScope | None = None
-        self._nursery: trio.Nursery | None = None
-        self.ip = "?"
-        self.port = 0
+        self._login_wait: trio.Event | None = None
         try:
-            raw = stream if self._direct else stream.transport_stream
-            peer = raw.socket.getpeername()
-            self.ip = str(peer[0])
-            self.port = int(peer[1])
-        except (OSError, AttributeError):
-            pass
-        self._tokens = float(cfg.frame_burst)
-        self._refilled = time.monotonic()
+            self.ip = sys.intern(str(addr[0]))
+            self.port = int(addr[1])
+        except (TypeError, IndexError, ValueError):
+            self.ip, self.port = "?", 0
+        self._tokens = gateway.burst
+        self._refilled = self.last_rx
 
     @property
     def peer(self) -> str:
@@ -371,20 +416,15 @@ class ClientConnection:
         if self.closing:
             return
         if self._direct and not self._writing:
+            gw = self.gw
+            if gw._corked:  # written when the gateway uncorks, with whatever follows
+                if not self._out:
+                    gw._dirty.append(self)
+                self._out.append(data)
+                self.out_bytes += len(data)
+                return
             # Nothing queued: straight into the kernel's send buffer, no task switch.
-            try:
-                sent = os.write(self.stream.socket.fileno(), data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:  # reset, or already closed: the reader will see it too
-                self.abort()
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self._out.append(data)
-            self.out_bytes += len(data)
-            self._start_flush()
+            self._send_now(data)
             return
         self._out.append(data)
         self.out_bytes += len(data)
@@ -392,32 +432,64 @@ class ClientConnection:
             self.gw.stats.dropped_slow += 1
             log.warning("dropping slow client", peer=self.peer, session=self.session,
                         queued=self.out_bytes)
-            self._out.clear()
-            self.out_bytes = 0
             self.abort()
             return
         if self._wake is not None:
             self._wake.set()
 
+    def _send_now(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # reset, or closed: the reader sees it too
+            self.abort()
+            return
+        if sent == len(data):
+            return
+        self._out.append(data[sent:])
+        self.out_bytes += len(data) - sent
+        self._start_flush()
+
+    def send_queued(self) -> None:
+        """Write what was queued while the gateway was corked (closing or not)."""
+        if not self._direct or self._aborted or self._writing or not self._out:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out = []
+        self.out_bytes = 0
+        self._send_now(data)
+
     def _start_flush(self) -> None:
-        """The kernel buffer is full: a writer task sends the rest, in order."""
+        """The kernel's buffer is full: a writer task sends the rest, in order."""
         self._writing = True
-        if self._nursery is not None:
-            self._nursery.start_soon(self._flush)
+        assert self.gw._handlers is not None
+        self.gw._handlers.start_soon(self._flush)
 
     async def _flush(self) -> None:
+        sock = self.sock
         try:
             while self._out:
-                data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+                data = memoryview(b"".join(self._out))
                 self._out = []
-                self.out_bytes = 0
-                await self.stream.send_all(data)
-        except TRANSPORT_ERRORS:
+                while data:
+                    try:
+                        sent = sock.send(data)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                        continue
+                    data = data[sent:]
+                    self.out_bytes -= sent
+        except (OSError, trio.ClosedResourceError):
             self.abort()
         finally:
+            self.out_bytes = 0 if not self._out else self.out_bytes
             self._writing = False
+            if self._flushed is not None:
+                self._flushed.set()
 
     async def _tls_writer(self) -> None:
+        assert self.stream is not None
         self._writing = True
         try:
             while True:
@@ -432,6 +504,8 @@ class ClientConnection:
                 await self._wake.wait()
         except TRANSPORT_ERRORS:
             self.abort()
+        finally:
+            self._writing = False
 
     def close(self, kind: str, code: str, reason: str, detach: bool = True,
               rid: int | None = None) -> None:
@@ -444,138 +518,166 @@ class ClientConnection:
         self.push(encode(frame))
         self.closing = True
         self._detach = detach
-        if self._reading is not None:
-            self._reading.cancel()
-        if self._wake is not None:
-            self._wake.set()
+        self._stop_reading(socket.SHUT_RD)
 
     def abort(self) -> None:
         """Close at once, without flushing."""
         self.closing = True
-        if self._cancel is not None:
-            self._cancel.cancel()
+        self._aborted = True
+        self._out.clear()
+        self.out_bytes = 0
+        self._stop_reading(socket.SHUT_RDWR)
+
+    def _stop_reading(self, how: int) -> None:
+        # The reader waits in the kernel (readable) or on an event: wake it either
+        # way. A socket shut down for reading reads as end-of-file.
+        try:
+            self.sock.shutdown(how)
+        except OSError:
+            pass
+        for event in (self._login_wait, self._capacity, self._wake):
+            if event is not None:
+                event.set()
 
     async def refuse(self, code: str, reason: str) -> None:
+        data = encode({"type": "error", "code": code, "reason": reason})
         with trio.move_on_after(1.0):
             try:
-                await self.stream.send_all(encode({"type": "error", "code": code,
-                                                   "reason": reason}))
+                if self.stream is not None:
+                    await self.stream.send_all(data)
+                else:
+                    self.sock.send(data)  # a fresh socket's buffer has room
             except TRANSPORT_ERRORS:
                 pass
-        await self._aclose()
+        await self._close_socket()
 
-    async def _aclose(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-            try:
-                await self.stream.aclose()
-            except TRANSPORT_ERRORS:
-                pass
+    async def _close_socket(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self.stream is not None:
+                with trio.move_on_after(1.0):
+                    try:
+                        await self.stream.aclose()
+                    except TRANSPORT_ERRORS:
+                        pass
+            else:
+                trio.lowlevel.notify_closing(self.sock)
+                self.sock.close()
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> None:
+        gw = self.gw
         try:
-            with trio.CancelScope() as self._cancel:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    if not self._direct:
-                        nursery.start_soon(self._tls_writer)
-                    elif self._writing:  # pushed before run(): the kernel buffer was full
-                        nursery.start_soon(self._flush)
-                    with trio.CancelScope() as self._reading:
-                        await self._read_until_done()
-                    if not self.closing:
-                        # EOF or a transport error: nothing more can be written.
-                        self.closing = True
-                        nursery.cancel_scope.cancel()
-                    else:
-                        # Closing: the writer (if any) flushes the final frames.
-                        nursery.cancel_scope.deadline = min(
-                            nursery.cancel_scope.deadline,
-                            trio.current_time() + FINAL_FLUSH_TIMEOUT)
+            if self._direct:
+                # The read loop is inline: an idle connection is this one coroutine
+                # waiting in Trio's wait_readable, nothing else.
+                sock = self.sock
+                while not self.closing:
+                    try:
+                        data = sock.recv(65536)
+                    except BlockingIOError:
+                        data = None  # (no exception kept alive while waiting)
+                    except OSError:
+                        break
+                    if data is None:
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    if not data or not await self._received(data):
+                        break  # end of file, or close() shut the socket for reading
+                    data = None
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                await self._run_tls()
         finally:
             self.closing = True
-            self._nursery = None
-            await self._aclose()
-            gw = self.gw
+            self.send_queued()
+            if self._writing and not self._aborted:
+                # The final frames are still being written (by the writer task).
+                self._flushed = trio.Event()
+                with trio.CancelScope(shield=True), trio.move_on_after(FINAL_FLUSH_TIMEOUT):
+                    await self._flushed.wait()
+            await self._close_socket()
+            gw._finished(self)
             if self.session is not None and self._detach and not gw.closing:
                 gw.core.submit(Detach(self.session, self.epoch, gw.core.node_id), _ignore)
 
-    async def _read_until_done(self) -> None:
-        try:
-            await self._reader()
-        except TRANSPORT_ERRORS:
-            pass
-        except RemoteProtocolError as e:
-            self.gw.stats.protocol_errors += 1
-            log.info("protocol error", peer=self.peer, code=e.code, reason=e.reason)
-            self.close("error", e.code, e.reason)
-
-    async def _next_frame(self) -> dict[str, Any] | None:
-        frames = self._frames
-        while self._fpos >= len(frames):
-            if frames:
-                frames.clear()
-                self._fpos = 0
-            if self._broken is not None:
-                raise self._broken
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return None
-            self.decoder.feed(data)
+    async def _run_tls(self) -> None:
+        assert self.stream is not None
+        stream = self.stream
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tls_writer)
             try:
-                for frame in self.decoder.frames():
-                    frames.append(frame)
-            except RemoteProtocolError as e:
-                # Good frames that came before the bad one are still served.
-                self._broken = e
-        self.gw.stats.frames_in += 1
-        frame = frames[self._fpos]
-        self._fpos += 1
-        return frame
+                while not self.closing:
+                    data = await stream.receive_some(65536)
+                    if not data or not await self._received(data):
+                        break
+            except TRANSPORT_ERRORS:
+                pass
+            if not self.closing or self._aborted:
+                self.closing = True
+                nursery.cancel_scope.cancel()  # nothing more can be written
+            else:
+                # The writer flushes the final frames (bounded).
+                nursery.cancel_scope.deadline = trio.current_time() + FINAL_FLUSH_TIMEOUT
+                if self._wake is not None:
+                    self._wake.set()
 
-    async def _reader(self) -> None:
-        cfg = self.gw.config
-        frame = None
-        with trio.move_on_after(cfg.login_deadline):
-            frame = await self._next_frame()
-        if frame is None:
-            if not self.closing:
-                self.close("error", "timeout", f"no login within {cfg.login_deadline:g} s")
-            return
-        if not await self._authenticate(frame):
-            return
-        idle = cfg.client_heartbeat * 2.5
-        while not self.closing:
-            got = None
-            with trio.move_on_after(idle) as scope:
-                got = await self._next_frame()
-            if scope.cancelled_caught:
-                self.close("error", "timeout", f"no frame for {idle:g} s")
-                return
-            if got is None:
-                return
-            await self._throttle()
-            while self._inflight >= cfg.max_inflight:
+    async def _received(self, data: bytes | bytearray) -> bool:
+        """Handle the frames in ``data``; False once the connection must stop reading."""
+        self.last_rx = time.monotonic()
+        self.decoder.feed(data)
+        frames: list[dict[str, Any]] = []
+        broken: RemoteProtocolError | None = None
+        try:
+            for frame in self.decoder.frames():
+                frames.append(frame)
+        except RemoteProtocolError as e:
+            broken = e  # good frames that came before the bad one are still served
+        del data
+        stats = self.gw.stats
+        for frame in frames:
+            if self.closing:
+                return False
+            stats.frames_in += 1
+            if self.phase != LOGGED_IN:
+                if not await self._authenticate(frame):
+                    return False
+                continue
+            delay = self._throttle()
+            if delay:
+                await trio.sleep(delay)
+                self.last_rx = time.monotonic()  # frames still queued: not idle
+            max_inflight = self.gw.config.max_inflight
+            while self._inflight >= max_inflight and not self.closing:
                 self._capacity = trio.Event()
                 await self._capacity.wait()
-            self._dispatch(got)
+                self.last_rx = time.monotonic()
+            if self.closing:
+                return False
+            self._dispatch(frame)
+        if broken is not None:
+            stats.protocol_errors += 1
+            log.info("protocol error", peer=self.peer, code=broken.code, reason=broken.reason)
+            self.close("error", broken.code, broken.reason)
+            return False
+        return True
 
-    async def _throttle(self) -> None:
-        """Token bucket: at most frame_rate frames/s (bursts of frame_burst)."""
+    def _throttle(self) -> float:
+        """Token bucket: at most frame_rate frames/s (bursts of frame_burst). Returns
+        how long to wait before serving this frame."""
         cfg = self.gw.config
         now = time.monotonic()
-        self._tokens = min(float(cfg.frame_burst),
-                           self._tokens + (now - self._refilled) * cfg.frame_rate)
+        tokens = min(self.gw.burst, self._tokens + (now - self._refilled) * cfg.frame_rate)
         self._refilled = now
-        if self._tokens < 1:
-            self.gw.stats.rejected_rate += 1
-            self.push(encode({"type": "error", "code": "rate-limited",
-                              "reason": f"over {cfg.frame_rate:g} frames/s; slowing down"}))
-            await trio.sleep((1 - self._tokens) / cfg.frame_rate)
-            self._tokens = 1.0
-            self._refilled = time.monotonic()
-        self._tokens -= 1
+        if tokens >= 1:
+            self._tokens = tokens - 1
+            return 0.0
+        self.gw.stats.rejected_rate += 1
+        self.push(encode({"type": "error", "code": "rate-limited",
+                          "reason": f"over {cfg.frame_rate:g} frames/s; slowing down"}))
+        self._tokens = 0.0
+        self._refilled = now + (1 - tokens) / cfg.frame_rate
+        return (1 - tokens) / cfg.frame_rate
 
     # --- login and resume -----------------------------------------------------------------
 
@@ -605,7 +707,8 @@ class ClientConnection:
             self.close("error", "rate-limited", "too many failed logins from this address; "
                        "try again in a minute", rid=rid)
             return False
-        done = trio.Event()
+        self.phase = AUTHENTICATING
+        done = self._login_wait = trio.Event()
         now = wall()
         token = new_resume_token()
         cmd: Command
@@ -650,6 +753,8 @@ class ClientConnection:
             self.session = sid
             self.epoch = result.value["epoch"]
             self.user = result.value["user"]
+            self.phase = LOGGED_IN
+            self.last_rx = time.monotonic()
             gw.register(self)
             reply: dict[str, Any] = {
                 "type": "login-ok", "session": sid, "resume": token, "node": gw.core.node_id,
@@ -664,9 +769,10 @@ class ClientConnection:
             else:
                 gw.stats.resumes += 1
 
-        self.gw.core.submit(cmd, on_done)
+        self.gw.core.submit(cmd, on_done, source=self.ip)
         await done.wait()
-        return ok
+        self._login_wait = None
+        return ok and not self.closing
 
     # --- requests ----------------------------------------------------------------------------
 

@@ -36,6 +36,9 @@ class CoreLike(Protocol):
     effect_sink: Callable[[list[Effect]], None]
     restore_sink: Callable[[list[tuple[str, int]]], None]
     fence_sink: Callable[[bool], None]
+    batch_sink: Callable[[bool], None]
+    """``batch_sink(True)`` before a run of results and effects handed over together,
+    ``batch_sink(False)`` after it: the gateway may hold its writes until then."""
 
     @property
     def member(self) -> bool: ...
@@ -43,7 +46,11 @@ class CoreLike(Protocol):
     def serving(self) -> bool: ...
 
     def submit(self, cmd: Command, on_done: Callable[[Result], None],
-               timeout: float | None = None, keep: bool = True) -> None: ...
+               timeout: float | None = None, keep: bool = True,
+               source: str | None = None) -> None:
+        """``source``: the client's address, for a login or resume (the core may
+        refuse it if that address is blocked for failed logins)."""
+        ...
 
     def login_blocked(self, ip: str) -> bool:
         """Too many failed logins from ``ip`` (node-wide) in the last minute."""
@@ -51,12 +58,13 @@ class CoreLike(Protocol):
 
     def login_failed(self, ip: str) -> None: ...
 
-    def connections_elsewhere(self) -> int:
-        """Client connections held by the node's other gateway processes."""
+    def reserve_connection(self) -> bool:
+        """Count one more client connection node-wide, if the node has room for it
+        (``max_connections`` over all of its gateway processes)."""
         ...
 
-    def connections_changed(self, count: int) -> None:
-        """This gateway now holds ``count`` connections."""
+    def release_connection(self) -> None:
+        """A connection that ``reserve_connection`` counted is closed."""
         ...
 
 
@@ -71,6 +79,10 @@ class GatewayLike(Protocol):
         ...
 
     def statistics(self) -> GatewayStats: ...
+
+    async def refresh(self) -> None:
+        """Bring ``statistics()`` up to date (workers report every 0.5 s otherwise)."""
+        ...
 
     def workers(self) -> list[dict[str, Any]]:
         """One entry per gateway worker process (empty for the in-process gateway)."""

@@ -73,15 +73,24 @@ class Channel:
 
     def __init__(self, sock: socket.socket, name: str):
         sock.setblocking(False)
+        self._sock = sock
         self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self.name = name
         self._out: list[bytes] = []
         self.out_bytes = 0
         self._wake = trio.Event()
+        self._sending = False  # the writer task is inside send_all
+        self._decoder = IpcDecoder()
+        self._handle: Callable[[dict[str, Any]], None] | None = None
+        self._batch: Callable[[bool], None] | None = None
+        self._handling = False
         self.closed = False
 
-    def send(self, frame: dict[str, Any]) -> None:
-        """Queue one frame (never blocks; frames leave in this order)."""
+    def send(self, frame: dict[str, Any], now: bool = False) -> None:
+        """Queue one frame (never blocks; frames leave in this order). With ``now``,
+        write it (and whatever is queued) before returning if the socket takes it,
+        instead of at the writer's next turn: for frames that must reach the peer
+        before anything this process writes elsewhere afterwards."""
         if self.closed:
             return
         data = encode_ipc(frame)
@@ -92,6 +101,19 @@ class Channel:
                       queued=self.out_bytes)
             self.close()
             return
+        if now and not self._sending:
+            data = b"".join(self._out)
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            self._out = [data[sent:]] if sent < len(data) else []
+            self.out_bytes = len(data) - sent
+            if not self._out:
+                return
         self._wake.set()
 
     def close(self) -> None:
@@ -113,21 +135,26 @@ class Channel:
                     data = b"".join(self._out)
                     self._out = []
                     self.out_bytes = 0
-                    await self.stream.send_all(data)
+                    self._sending = True
+                    try:
+                        await self.stream.send_all(data)
+                    finally:
+                        self._sending = False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.closed = True
 
-    async def reader(self, handle: Callable[[dict[str, Any]], None]) -> None:
-        """Call ``handle`` for each frame, in order, until the peer closes."""
-        decoder = IpcDecoder()
+    async def reader(self, handle: Callable[[dict[str, Any]], None],
+                     batch: Callable[[bool], None] | None = None) -> None:
+        """Call ``handle`` for each frame, in order, until the peer closes; and
+        ``batch(True)``/``batch(False)`` around the frames of each read."""
+        self._handle = handle
+        self._batch = batch
         try:
             while True:
                 data = await self.stream.receive_some(1 << 20)
                 if not data:
                     return
-                decoder.feed(data)
-                for frame in decoder.frames():
-                    handle(frame)
+                self._feed(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         except (ChannelBroken, cbor2.CBORDecodeError) as e:
@@ -135,6 +162,39 @@ class Channel:
             return
         finally:
             self.closed = True
+
+    def _feed(self, data: bytes) -> None:
+        assert self._handle is not None
+        self._decoder.feed(data)
+        self._handling = True
+        if self._batch is not None:
+            self._batch(True)
+        try:
+            for frame in self._decoder.frames():
+                self._handle(frame)
+        finally:
+            self._handling = False
+            if self._batch is not None:
+                self._batch(False)
+
+    def poll(self) -> None:
+        """Handle, now, the frames the peer has already sent (without waiting). A
+        process reading several channels uses it to see, before acting on one
+        channel's frame, what the other peers sent before it."""
+        if self._handling or self._handle is None or self.closed:
+            return
+        try:
+            while True:
+                try:
+                    data = self._sock.recv(1 << 20)
+                except BlockingIOError:
+                    return
+                if not data:
+                    return  # end of file stays readable: the reader task sees it too
+                self._feed(data)
+        except (OSError, ChannelBroken, cbor2.CBORDecodeError) as e:
+            log.error("IPC channel broken", peer=self.name, error=str(e))
+            self.close()
 
     async def aclose(self) -> None:
         self.closed = True

@@ -124,6 +124,7 @@ class NodeMetrics:
         )
         core.observe_commit = self.commit_latency.observe
         self.ready = ready
+        self.gateway = gateway
         self.address: str | None = None
 
     def exposition(self) -> bytes:
@@ -151,7 +152,10 @@ class NodeMetrics:
                     if isinstance(event, h11.Request):
                         break
                     return
-                status, body, ctype = self._route(event.target.decode("latin-1"))
+                target = event.target.decode("latin-1")
+                if target.split("?", 1)[0] == "/metrics":
+                    await self.gateway.refresh()
+                status, body, ctype = self._route(target)
                 headers = [("content-type", ctype), ("content-length", str(len(body))),
                            ("connection", "close")]
                 await stream.send_all(conn.send(h11.Response(status_code=status,

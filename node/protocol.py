@@ -179,13 +179,15 @@ class FrameDecoder:
     the decoder stays broken: the connection must be closed.
     """
 
+    __slots__ = ("_broken", "_buf", "max_frame", "schema")
+
     def __init__(self, schema: Schema, max_frame: int = DEFAULT_MAX_FRAME):
         self.schema = schema
         self.max_frame = max_frame
         self._buf = bytearray()
         self._broken: RemoteProtocolError | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._broken is None:
             self._buf += data
 

@@ -60,6 +60,9 @@ START_TIMEOUT = 30.0
 RESTART_BACKOFF = (0.2, 5.0)  # first delay, cap (doubling while workers die young)
 STABLE_AFTER = 10.0  # a worker that lived this long restarts without delay
 GAUGES = ("connections", "outbox_bytes", "sessions_local")
+WORKER_BITS = 6
+WORKER_MASK = (1 << WORKER_BITS) - 1
+MAX_WORKERS = 1 << WORKER_BITS
 STAT_FIELDS = tuple(f.name for f in dataclasses.fields(GatewayStats))
 
 
@@ -107,11 +110,12 @@ class WorkerPool:
     """See the module docstring."""
 
     def __init__(self, config: NodeConfig, core: Core, count: int):
-        assert count >= 1
+        assert 1 <= count <= MAX_WORKERS
         self.config = config
         self.core = core
         self.children = [_Worker(i) for i in range(count)]
-        self.route: dict[str, tuple[int, int]] = {}  # session id -> (worker, epoch)
+        # session id -> epoch << 6 | worker: one int per session (small ints are shared)
+        self.route: dict[str, int] = {}
         self._drained = False
         self.closing = False
         self.address: str | None = None
@@ -168,10 +172,14 @@ class WorkerPool:
         self.closing = True
         await self._ask_all("shutdown", 1.0, 3.0)
 
+    async def refresh(self) -> None:
+        """Ask every worker for its statistics now (at most 0.5 s)."""
+        await self._ask_all("stats?", 0.0, 0.5)
+
     async def _ask_all(self, kind: str, timeout: float, wait: float) -> int:
         asked: list[tuple[_Worker, trio.Event, list[int]]] = []
         for w in self.children:
-            if w.channel is None or w.channel.closed:
+            if w.channel is None or w.channel.closed or not w.listening:
                 continue
             ack_id = self._next_ack
             self._next_ack += 1
@@ -231,6 +239,7 @@ class WorkerPool:
                 return
             if lived > STABLE_AFTER:
                 delay = RESTART_BACKOFF[0]
+            log.info("restarting the worker", index=w.index, delay=delay)
             await trio.sleep(delay)
             delay = min(delay * 2, RESTART_BACKOFF[1])
             w.restarts += 1
@@ -287,7 +296,7 @@ class WorkerPool:
         return proc.poll()
 
     def _worker_gone(self, w: _Worker, code: int | None) -> None:
-        log.warning("worker exited; restarting it", index=w.index, pid=w.pid, code=code)
+        log.warning("worker exited", index=w.index, pid=w.pid, code=code)
         struct.pack_into("<q", self._counts, 8 * w.index, 0)
         for name in STAT_FIELDS:
             if name not in GAUGES and name in w.stats:
@@ -298,7 +307,8 @@ class WorkerPool:
         w.acks.clear()
         # Its clients lost their connections: their sessions wait for a resume.
         node = self.core.node_id
-        gone = [(sid, epoch) for sid, (idx, epoch) in self.route.items() if idx == w.index]
+        gone = [(sid, here >> WORKER_BITS) for sid, here in self.route.items()
+                if here & WORKER_MASK == w.index]
         for sid, epoch in gone:
             del self.route[sid]
             self.core.submit(Detach(sid, epoch, node), _ignore)
@@ -323,7 +333,10 @@ class WorkerPool:
         elif t == "failed":
             until = self.core.failed_logins.failed(f["ip"])
             if until is not None:
-                self._broadcast({"t": "block", "ip": f["ip"], "until": until})
+                for other in self.children:
+                    if other.channel is not None:
+                        other.channel.send({"t": "block", "ip": f["ip"], "until": until},
+                                           now=True)
         elif t == "ack":
             w.stats = f["s"]
             entry = w.acks.pop(f["id"], None)
@@ -365,19 +378,30 @@ class WorkerPool:
             channel.send({"t": "result", "w": wrid, "ok": False, "code": "internal",
                           "reason": "malformed command"})
             return
+        ip = f.get("ip")
+        if ip is not None:
+            # A login or resume. Failed logins count node-wide: first take in what
+            # the other workers sent already (the failure this client saw before it
+            # came back on another worker is in there), then check its address.
+            for other in self.children:
+                if other is not w and other.channel is not None:
+                    other.channel.poll()
+            if self.core.failed_logins.blocked(ip):
+                channel.send({"t": "result", "w": wrid, "ok": False, "code": "rate-limited",
+                              "reason": "too many failed logins from this address; try "
+                              "again in a minute"})
+                return
         kind = type(cmd)
-        if isinstance(cmd, Detach):
-            # The connection is gone: nothing more to route to it.
-            here = self.route.get(cmd.session)
-            if here is not None and here == (w.index, cmd.epoch):
-                del self.route[cmd.session]
+        if (isinstance(cmd, Detach)  # the connection is gone: nothing more to route to it
+                and self.route.get(cmd.session) == cmd.epoch << WORKER_BITS | w.index):
+            del self.route[cmd.session]
 
         def on_done(result: Result) -> None:
             if result.ok and (kind is Login or kind is Resume):
                 sid = cmd.session  # type: ignore[attr-defined]
                 epoch = result.value["epoch"]  # type: ignore[index]
                 if w.channel is channel and not channel.closed:
-                    self.route[sid] = (w.index, epoch)
+                    self.route[sid] = epoch << WORKER_BITS | w.index
                 else:  # the worker died meanwhile: nobody holds the connection
                     self.core.submit(Detach(sid, epoch, self.core.node_id), _ignore)
             channel.send({"t": "result", "w": wrid, "ok": result.ok, "v": result.value,
@@ -403,9 +427,9 @@ class WorkerPool:
         for sid in sessions:
             here = route.get(sid)
             if here is not None:
-                group = out.get(here[0])
+                group = out.get(here & WORKER_MASK)
                 if group is None:
-                    out[here[0]] = [sid]
+                    out[here & WORKER_MASK] = [sid]
                 else:
                     group.append(sid)
         return out
@@ -429,9 +453,9 @@ class WorkerPool:
                 assert isinstance(e, SessionClosed)
                 frame = {"t": "closed", "s": e.session, "e": e.epoch, "r": e.reason}
                 here = self.route.get(e.session)
-                if here is not None and here[1] == e.epoch:
+                if here is not None and here >> WORKER_BITS == e.epoch:
                     del self.route[e.session]
-                    self._send(here[0], frame)
+                    self._send(here & WORKER_MASK, frame)
                 else:
                     # An older epoch (e.g. moved to another worker of this node): the
                     # worker that still holds it is not in the map; workers check epochs.
@@ -441,12 +465,12 @@ class WorkerPool:
         """A snapshot replaced the table: each worker keeps only sessions still local."""
         keep: dict[int, list[list[Any]]] = {w.index: [] for w in self.children}
         route = self.route
-        new_route: dict[str, tuple[int, int]] = {}
+        new_route: dict[str, int] = {}
         for sid, epoch in local:
             here = route.get(sid)
             if here is not None:
-                keep[here[0]].append([sid, epoch])
-                if here[1] == epoch:
+                keep[here & WORKER_MASK].append([sid, epoch])
+                if here >> WORKER_BITS == epoch:
                     new_route[sid] = here
         self.route = new_route
         for index, sessions in keep.items():

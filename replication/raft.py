@@ -66,7 +66,11 @@ class RaftTimings:
     append_entries_period: float = 0.05
     election_min: float = 0.35
     election_max: float = 0.7
-    connection_timeout: float = 1.5
+    # pysyncobj drops a link on its next send when nothing was read on it for this
+    # long; followers never talk to each other, so a short value made the first
+    # election after a leader crash fail on stale links (about 1 s instead of 0.5 s).
+    # Dead peers are still noticed by TCP keepalive (about 8 s) and by elections.
+    connection_timeout: float = 10.0
     connection_retry: float = 0.5
     leader_fallback: float = 1.0
 

@@ -8,6 +8,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
     command -v nft >/dev/null 2>&1 || need+=(nftables)
     command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+    [ -x /usr/share/zookeeper/bin/zkServer.sh ] || dpkg -s zookeeper >/dev/null 2>&1 \
+        || need+=(zookeeper)  # the side-by-side benchmark
     if [ ${#need[@]} -gt 0 ]; then
         echo "installing ${need[*]}" >&2
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") \
