@@ -54,6 +54,7 @@ class MembershipNemesis:
         self.c.removed.discard(victim)
         proc = self.c.start_node(victim, ["--join"])
         self.c.wait_announced(proc)
-        ClusterAdmin([s.admin for s in self.c.members()], self.c.keys).add(spec.admin, wait=60)
+        ClusterAdmin([s.admin for s in self.c.members()], self.c.keys).add(spec.admin,
+                                                                           wait=180)
         return {"nodes": [victim], "removed": victim, "re_added": victim,
                 "was_leader": victim == leader["id"]}

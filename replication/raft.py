@@ -84,7 +84,7 @@ class RaftConfig:
     timings: RaftTimings = field(default_factory=RaftTimings)
     fsync: bool = True  # every log entry durable on disk before it counts
     compaction_entries: int = 20_000
-    compaction_seconds: int = 600
+    compaction_seconds: int = 60  # a joining node gets a small snapshot, not hours of log
     max_bind_retries: int = 20
     dynamic_membership: bool = True
 
