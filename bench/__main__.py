@@ -20,6 +20,8 @@ BENCHES: dict[str, str] = {
     "replication": "the replicated log alone (3 processes): ReplicatedLog + SessionTable vs "
                    "raw pysyncobj group commit, max commands/s and commit latency",
     "fanout": "one presence change reaching 10,000 subscribers spread over 3 nodes",
+    "capacity": "idle logged-in sessions held by one node (many gateway workers, many "
+                "127.x.y.z source addresses): memory per session, logins/s, idle CPU",
     "zookeeper": "side by side with a 3-server ZooKeeper ensemble (kazoo): sessions/s, "
                  "presence updates, session survival after a server kill",
 }

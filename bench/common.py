@@ -293,11 +293,13 @@ class BenchCluster:
     """
 
     def __init__(self, opts: Options, label: str, nodes: int = 3,
-                 node_args: list[str] | None = None):
+                 node_args: list[str] | None = None,
+                 per_node_args: dict[str, list[str]] | None = None):
         self.opts = opts
         self.label = label
         self.nodes = nodes
         self.node_args = list(node_args or [])
+        self.per_node_args = dict(per_node_args or {})
         self.tmp = Path(tempfile.mkdtemp(prefix=f"switchboard-bench-{label}-"))
         self.cluster: LocalCluster | None = None
         self.logs = LogReport()
@@ -314,7 +316,7 @@ class BenchCluster:
         for attempt in range(3):  # a free port can be taken by someone else meanwhile
             base = free_base_port(self.nodes)
             c = LocalCluster(self.tmp / f"cluster{attempt}", self.nodes, "127.0.0.1", base,
-                             self.node_args)
+                             self.node_args, per_node_args=self.per_node_args)
             self.cluster = c
             try:
                 c.start(timeout=60)

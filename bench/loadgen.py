@@ -134,6 +134,9 @@ class RawConn:
         # generator then cannot inflate a measured delivery time.
         self.kernel_stamps = False
         self.rx_kernel: float | None = None
+        # A local (source) address to bind before connecting: one source address
+        # gives at most ~28k connections to one server address (ephemeral ports).
+        self.source: str | None = None
         self._out: list[bytes] = []
         self._wake = trio.Event()
 
@@ -147,6 +150,8 @@ class RawConn:
             sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             if self.kernel_stamps:
                 sock.setsockopt(trio.socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            if self.source is not None:
+                await sock.bind((self.source, 0))
             await sock.connect(_split(self.addr))
         except BaseException:
             sock.close()

@@ -533,11 +533,17 @@ class SessionsResult:
     sessions: int = 0
     epoch_regressions: int = 0
     split_epochs: int = 0  # (session, epoch) delivered by more than one node
+    lost: int = 0  # sessions a client could not resume: it had to log in again
     anomalies: list[str] = field(default_factory=list)
 
 
 def check_sessions(history: Iterable[Op]) -> SessionsResult:
-    """No session is delivered to by two nodes after a claim.
+    """No session is lost, and none is delivered to by two nodes after a claim.
+
+    Lost: after its first login, a client that logs in again (a second ``login``
+    ok), reconnects into a new session (``reconnect`` with ``resumed`` false) or
+    records a ``session-lost`` info had its session end under it: the users of
+    this system never log in again because a node failed.
 
     For each recipient process, its deliveries in history order are grouped by the
     session of the process's latest ``login`` ok / ``reconnect`` observation before
@@ -552,9 +558,26 @@ def check_sessions(history: Iterable[Op]) -> SessionsResult:
     session: dict[str, Any] = {}
     last: dict[tuple[str, Any], tuple[int, int]] = {}  # (process, session) -> (epoch, index)
     nodes: dict[tuple[str, Any, int], dict[Any, int]] = defaultdict(dict)  # -> node: index
+    logged_in: set[str] = set()
     for op in ops:
-        if not _is_client(op) or op.type != "ok":
+        if not _is_client(op):
             continue
+        if op.f == "session-lost":
+            res.lost += 1
+            an.add("session-lost", f"{op.process}: session {op.value.get('session')} ended "
+                   f"under the client (#{op.index}): {op.value.get('error')}")
+            continue
+        if op.type != "ok":
+            continue
+        if op.f == "login" and "session" in op.value:
+            if op.process in logged_in:
+                res.lost += 1
+                an.add("session-lost", f"{op.process}: logged in again (#{op.index})")
+            logged_in.add(op.process)
+        if op.f == "reconnect" and op.value.get("resumed") is False:
+            res.lost += 1
+            an.add("session-lost", f"{op.process}: reconnected into a new session "
+                   f"{op.value.get('session')} (#{op.index}): the old one had expired")
         if op.f in ("login", "reconnect") and "session" in op.value:
             session[op.process] = op.value["session"]
             continue
@@ -586,7 +609,7 @@ def check_sessions(history: Iterable[Op]) -> SessionsResult:
                        f"by {n1} (#{i1}) and {node} (#{op.index})")
     res.sessions = len(last)
     res.anomalies = an.items
-    res.valid = res.epoch_regressions == 0 and res.split_epochs == 0
+    res.valid = res.epoch_regressions == 0 and res.split_epochs == 0 and res.lost == 0
     return res
 
 

@@ -135,7 +135,8 @@ async def run_chaos(opts: ChaosOptions, progress: Any = None) -> dict[str, Any]:
             if cluster is not None:
                 await trio.to_thread.run_sync(cluster.stop)
             await trio.to_thread.run_sync(net.destroy)
-    history.dump(out / "history.jsonl")
+            # Also when the run breaks: the history so far is the evidence.
+            history.dump(out / "history.jsonl")
     report = check_all(history, digests, last_heal, opts.converge_bound).to_json()
     report["seed"] = opts.seed
     report["nodes"] = opts.nodes

@@ -93,10 +93,24 @@ class WorkloadClient:
             except _Stop:
                 return
             except SwitchboardError as e:
-                # The session could not be recovered (should not happen): log in again.
-                self._record("info", "login", {"user": self.user, "error": str(e)})
-                await trio.sleep(0.5)
-                self._record("invoke", "login", {"user": self.user})
+                await self._lost(e)
+            except BaseExceptionGroup as group:
+                if group.subgroup(_Stop) is not None:
+                    return
+                errors, rest = group.split(SwitchboardError)
+                if errors is None or rest is not None:
+                    raise
+                await self._lost(_first_leaf(errors))
+
+    async def _lost(self, e: BaseException) -> None:
+        """The session could not be recovered (the sessions checker counts it as a
+        violation): record why, then log in again and carry on."""
+        sid = self.session.session_id if self.session is not None else None
+        self._record("info", "session-lost", {"user": self.user, "session": sid,
+                                              "error": str(e)})
+        self._record("info", "login", {"user": self.user, "error": str(e)})
+        await trio.sleep(0.5)
+        self._record("invoke", "login", {"user": self.user})
 
     async def _setup(self, s: client.Session) -> None:
         for j in range(self.cfg.users):
@@ -150,6 +164,13 @@ class WorkloadClient:
 
 class _Stop(Exception):
     pass
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    e: BaseException = group
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
 
 
 async def _none(awaitable: Any) -> None:

@@ -187,6 +187,7 @@ class Session:
         self.epoch = 0
         self.reconnects = 0
         self._resume_token: str | None = None
+        self._resume_attempts = 0
         self._heartbeat = 10.0
         self._conn: _Conn | None = None
         self._conn_number = 0
@@ -398,8 +399,13 @@ class Session:
     async def _handshake(self, conn: _Conn) -> dict[str, Any]:
         """Log in or resume on ``conn``; returns login-ok, raises SwitchboardError."""
         if self.session_id is not None and self._resume_token is not None:
+            # Numbered: if an earlier attempt's commit was only delayed, the cluster
+            # refuses it once this later one is applied (it must not take the
+            # session back from this connection).
+            self._resume_attempts += 1
             frame: dict[str, Any] = {"type": "resume", "session": self.session_id,
-                                     "token": self._resume_token, "last_seq": self._max_seq}
+                                     "token": self._resume_token, "last_seq": self._max_seq,
+                                     "attempt": self._resume_attempts}
         else:
             frame = {"type": "login", "user": self.user, "token": self._token,
                      "status": self._status}

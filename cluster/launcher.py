@@ -90,7 +90,8 @@ class LocalCluster:
                  python: str = sys.executable, env: dict[str, str] | None = None,
                  hosts: list[str] | None = None,
                  wrap: Callable[[NodeSpec], list[str]] | None = None,
-                 node_env: Callable[[NodeSpec], dict[str, str]] | None = None):
+                 node_env: Callable[[NodeSpec], dict[str, str]] | None = None,
+                 per_node_args: dict[str, list[str]] | None = None):
         if not 1 <= nodes <= 99:
             raise LaunchError("--nodes must be between 1 and 99")
         self.data_dir = Path(data_dir).resolve()
@@ -98,6 +99,7 @@ class LocalCluster:
         self.host = host
         self.base_port = base_port
         self.node_args = list(node_args or [])
+        self.per_node_args = dict(per_node_args or {})  # node id -> flags after node_args
         self.python = python
         self.env = env
         self.wrap = wrap
@@ -164,7 +166,7 @@ class LocalCluster:
             "--peers", peers, "--data-dir", str(spec.data_dir),
             "--secret-file", str(self.secret_file),
             "--admin", spec.admin, "--metrics", spec.metrics,
-            *self.node_args,
+            *self.node_args, *self.per_node_args.get(spec.id, []),
         ]
 
     def start_node(self, node_id: str, extra_args: list[str] | None = None) -> NodeProcess:

@@ -729,7 +729,8 @@ class ClientConnection:
             sid = frame["session"]
             token = frame["token"]
             cmd = Resume(sid, hash_resume_token(token), gw.core.node_id, gw.core.inc,
-                         frame.get("last_seq", 0), new_session_id(), now)
+                         frame.get("last_seq", 0), new_session_id(), now,
+                         frame.get("attempt", 0))
         ok = False
 
         def on_done(result: Result) -> None:

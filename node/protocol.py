@@ -56,7 +56,7 @@ Schema = dict[str, tuple[dict[str, Any], dict[str, Any]]]
 
 CLIENT_FRAMES: Schema = {
     "login": ({"user": _S, "token": _S}, {"rid": _I, "status": _S, "text": _OPT_S}),
-    "resume": ({"session": _S, "token": _S}, {"rid": _I, "last_seq": _I}),
+    "resume": ({"session": _S, "token": _S}, {"rid": _I, "last_seq": _I, "attempt": _I}),
     "presence": ({"rid": _I, "status": _S}, {"text": _OPT_S}),
     "allow": ({"rid": _I, "user": _S}, {}),
     "revoke": ({"rid": _I, "user": _S}, {}),
@@ -93,6 +93,7 @@ ERROR_CODES = {
     "no-session": "the session does not exist: expired, ended or never existed",
     "bad-token": "the resume token does not match the session",
     "moved": "the session was resumed on another connection (this one is closed)",
+    "stale": "a resume attempt numbered no higher than one already applied (it came late)",
     "invalid": "a value is out of range (bad status, bad user name, text too long)",
     "too-large-body": "the message body is over the limit",
     "unavailable": "the cluster could not commit in time; the outcome is unknown, retry",

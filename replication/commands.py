@@ -57,11 +57,13 @@ class Resume(Command):
     """Claim an existing session for ``node``: its owner and epoch change.
 
     ``last_seq`` is the highest message sequence number the client has already
-    handed to its application; only later messages are redelivered.
+    handed to its application; only later messages are redelivered. ``attempt``
+    orders one client's attempts: an attempt not above the last applied one is
+    refused as ``stale``.
     """
 
     op: ClassVar[str] = "resume"
-    types: ClassVar[tuple[Any, ...]] = (str, bytes, str, int, int, str, float)
+    types: ClassVar[tuple[Any, ...]] = (str, bytes, str, int, int, str, float, int)
     session: str
     resume_hash: bytes
     node: str
@@ -69,6 +71,10 @@ class Resume(Command):
     last_seq: int
     claim: str  # unique per resume attempt: a retried proposal is recognised
     now: float
+    # The client's resume attempt number, growing with each attempt (0: not given).
+    # A resume whose commit was delayed (its client gave up and resumed elsewhere)
+    # must not take the session back from a later attempt.
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +335,39 @@ def _coerce(value: Any, expected: Any) -> Any:
     return value
 
 
+def _exact_types(expected: Any) -> frozenset[type]:
+    return frozenset(expected if isinstance(expected, tuple) else (expected,))
+
+
+_FAST: dict[str, tuple[type[Command], tuple[frozenset[type], ...]]] = {
+    op: (cls, tuple(_exact_types(t) for t in cls.types)) for op, cls in COMMANDS.items()
+}
+"""Per op: the class and, per field, the exact types that need no conversion."""
+
+
 def from_wire(item: Any) -> Command:
-    """Decode one command from its wire form; raise ``CommandError`` if malformed."""
+    """Decode one command from its wire form; raise ``CommandError`` if malformed.
+
+    Every replica decodes every command, so the common case is checked first by
+    exact type (what cbor2 produces); anything else (an int in a float field, a
+    malformed command) takes the full check, which converts or says what is wrong.
+    """
+    if type(item) is list and item and type(item[0]) is str:
+        spec = _FAST.get(item[0])
+        if spec is not None:
+            cls, exact = spec
+            args = item[1:]
+            if len(args) == len(exact):
+                for v, allowed in zip(args, exact, strict=True):
+                    if type(v) not in allowed:
+                        break
+                else:
+                    if cls is not Ack or all(type(s) is int for s in args[3]):
+                        return cls(*args)
+    return _from_wire_checked(item)
+
+
+def _from_wire_checked(item: Any) -> Command:
     if not isinstance(item, list) or not item or not isinstance(item[0], str):
         raise CommandError("a command is a non-empty array starting with its op")
     cls = COMMANDS.get(item[0])

@@ -51,7 +51,8 @@ from .commands import (
     Unsubscribe,
 )
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
+READABLE_SNAPSHOTS = (2, 3)  # v2 sessions have no resume attempt (read as 0)
 RANK = {"online": 3, "busy": 2, "away": 1}
 """Which session's status a user shows when several sessions differ."""
 
@@ -102,6 +103,7 @@ class Session:
     orphaned_at: float | None = None
     orphan_reason: str | None = None  # "conn" (connection lost) or "node" (node silent)
     claim: str = ""  # the last resume attempt that claimed this session
+    attempt: int = 0  # the highest client resume attempt number applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +271,7 @@ class SessionTable:
             [
                 s.id, s.user, s.node, s.inc, s.epoch, s.resume_hash, s.status, s.text,
                 s.created, s.updated, s.attached, s.orphaned_at, s.orphan_reason,
-                s.claim,
+                s.claim, s.attempt,
             ]
             for s in sorted(self.sessions.values(), key=lambda s: s.id)
         ]
@@ -308,7 +310,7 @@ class SessionTable:
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot taken by ``snapshot``."""
         state = cbor2.loads(data)
-        if state.get("v") != SNAPSHOT_VERSION:
+        if state.get("v") not in READABLE_SNAPSHOTS:
             raise ValueError(f"unsupported snapshot version {state.get('v')!r}")
         self.clock = state["clock"]
         self.wall = state["wall"]
@@ -329,9 +331,9 @@ class SessionTable:
                 self._user(other).subscribers.add(u.name)
         for row in state["sessions"]:
             (sid, user, node, inc, epoch, rh, status, text, created, updated, attached,
-             orphaned_at, reason, claim) = row
+             orphaned_at, reason, claim, *rest) = row
             s = Session(sid, user, node, inc, epoch, rh, status, text, created, updated,
-                        attached, orphaned_at, reason, claim)
+                        attached, orphaned_at, reason, claim, rest[0] if rest else 0)
             self.sessions[sid] = s
             self._user(user).sessions[sid] = None
             self.by_node.setdefault(node, set()).add(sid)
@@ -552,7 +554,11 @@ class SessionTable:
         if c.claim and s.claim == c.claim:
             # A retried proposal of a resume already applied: same answer, no effects.
             return Result(True, {"epoch": s.epoch, "user": s.user}), []
+        if c.attempt and c.attempt <= s.attempt:
+            # Committed late: its client has since resumed with a later attempt.
+            return error("stale", "a later resume of this session was applied first"), []
         s.claim = c.claim
+        s.attempt = max(s.attempt, c.attempt)
         effects: list[Effect] = []
         if self._owned_here(s):
             effects.append(SessionClosed(s.id, s.epoch, "moved"))

@@ -474,11 +474,33 @@ def test_sessions_valid() -> None:
     b.deliver("c2", "u1", "b", node="n1", epoch=1)
     b.reconnect("c2", "s-c2", node="n2", epoch=2)
     b.deliver("c2", "u1", "c", node="n2", epoch=2)
-    b.reconnect("c2", "s2-c2", node="n3", resumed=False, epoch=1)  # new session
-    b.deliver("c2", "u1", "d", node="n3", epoch=1)
+    b.reconnect("c2", "s-c2", node="n3", epoch=3)
+    b.deliver("c2", "u1", "d", node="n3", epoch=3)
     r = check_sessions(b.ops)
     assert r.valid, r.anomalies
-    assert r.deliveries == 4 and r.sessions == 2
+    assert r.deliveries == 4 and r.sessions == 1 and r.lost == 0
+
+
+def test_sessions_a_new_session_after_a_fault_is_a_lost_session() -> None:
+    b = two_clients()
+    b.send("c1", "u2", "a")
+    b.send("c1", "u2", "b")
+    b.deliver("c2", "u1", "a", node="n1", epoch=1)
+    b.reconnect("c2", "s2-c2", node="n3", resumed=False, epoch=1)  # the old one expired
+    b.deliver("c2", "u1", "b", node="n3", epoch=1)
+    r = check_sessions(b.ops)
+    assert not r.valid and r.lost == 1 and r.sessions == 2
+    assert any("new session" in a for a in r.anomalies)
+
+
+def test_sessions_logging_in_again_or_an_ended_session_is_lost() -> None:
+    b = two_clients()
+    b.op("c2", "info", "session-lost", {"session": "s-c2", "error": "moved: taken over"})
+    b.login("c2", session="s2")
+    r = check_sessions(b.ops)
+    assert not r.valid and r.lost == 2
+    assert any("moved" in a for a in r.anomalies)
+    assert any("logged in again" in a for a in r.anomalies)
 
 
 def test_sessions_epoch_going_backwards() -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 import cbor2
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replication.commands import (
     COMMANDS,
@@ -28,6 +30,7 @@ from replication.commands import (
     Subscribe,
     Tick,
     Unsubscribe,
+    _from_wire_checked,
     from_wire,
 )
 
@@ -210,3 +213,46 @@ def test_huge_int_in_int_field_is_kept() -> None:
 def test_command_error_is_a_value_error() -> None:
     """Callers catching ValueError also catch malformed commands."""
     assert issubclass(CommandError, ValueError)
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                    st.text(max_size=4), st.binary(max_size=4),
+                    st.lists(st.one_of(st.integers(), st.booleans(), st.text(max_size=2)),
+                             max_size=3))
+
+
+def _typed(expected: Any) -> st.SearchStrategy[Any]:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    good = {str: st.text(max_size=3), int: st.integers(), float: st.floats(allow_nan=False),
+            bytes: st.binary(max_size=3), type(None): st.none(),
+            list: st.lists(st.one_of(st.integers(), st.booleans()), max_size=3)}
+    return st.one_of(*(good[k] for k in kinds), _VALUES)
+
+
+@st.composite
+def _wire_items(draw: st.DrawFn) -> list[Any]:
+    op = draw(st.sampled_from(sorted(COMMANDS)))
+    if draw(st.booleans()):  # the right arity, values mostly of the right types
+        return [op, *(draw(_typed(t)) for t in COMMANDS[op].types)]
+    return [op, *draw(st.lists(_VALUES, max_size=9))]
+
+
+@given(item=_wire_items())
+def test_fast_path_agrees_with_full_check(item: list[Any]) -> None:
+    """``from_wire``'s exact-type fast path accepts exactly what the full check
+    accepts, and builds the same command."""
+    try:
+        want: Command | str = _from_wire_checked(item)
+    except CommandError:
+        want = "error"
+    try:
+        got: Command | str = from_wire(item)
+    except CommandError:
+        got = "error"
+    assert got == want
+
+
+@pytest.mark.parametrize("cmd", EXAMPLES, ids=lambda c: c.op)
+def test_fast_path_agrees_on_examples(cmd: Command) -> None:
+    wire = cbor2.loads(cbor2.dumps(cmd.to_wire()))
+    assert from_wire(wire) == _from_wire_checked(wire) == cmd

@@ -46,6 +46,7 @@ CLIENT_SAMPLES: dict[str, list[dict[str, Any]]] = {
         {"type": "resume", "session": "0123456789abcdef01234567", "token": "r-token"},
         {"type": "resume", "session": "s", "token": "r", "rid": 7, "last_seq": 42},
         {"type": "resume", "session": "s", "token": "r", "last_seq": 0},
+        {"type": "resume", "session": "s", "token": "r", "last_seq": 3, "attempt": 2},
     ],
     "presence": [
         {"type": "presence", "rid": 2, "status": "busy"},

@@ -565,6 +565,41 @@ def test_retried_resume_with_the_same_claim_is_idempotent(t: SessionTable) -> No
     assert t.apply(Resume("s1", H, "n1", 1, 0, "", 3.0))[0].value["epoch"] == 5  # type: ignore[index]
 
 
+def test_a_late_resume_attempt_does_not_take_the_session_back(t: SessionTable) -> None:
+    """A client resumes on n2 (attempt 1), gives up waiting and resumes on n3
+    (attempt 2), which commits first; attempt 1 committing afterwards is refused as
+    stale: the session stays with n3's connection, which gets no "moved"."""
+    login(t, "s1", "alice")
+    assert t.apply(Resume("s1", H, "n3", 1, 0, "claim-b", 2.0, 2))[0].value == {
+        "epoch": 2, "user": "alice"}
+    digest = t.digest()
+    result, effects = t.apply(Resume("s1", H, "n2", 1, 0, "claim-a", 2.5, 1))
+    assert (result.ok, result.code, effects) == (False, "stale", [])
+    assert t.digest() == digest
+    s = t.sessions["s1"]
+    assert (s.node, s.epoch, s.attempt) == ("n3", 2, 2)
+    # The same attempt number again is stale too; a later one takes over as usual.
+    assert t.apply(Resume("s1", H, "n2", 1, 0, "claim-c", 3.0, 2))[0].code == "stale"
+    result, _ = t.apply(Resume("s1", H, "n2", 1, 0, "claim-d", 3.0, 3))
+    assert result.ok and (t.sessions["s1"].node, t.sessions["s1"].epoch) == ("n2", 3)
+    # Unnumbered resumes (attempt 0) are not ordered.
+    assert t.apply(Resume("s1", H, "n3", 1, 0, "claim-e", 4.0))[0].ok
+
+
+def test_snapshot_keeps_resume_attempts_and_reads_v2(t: SessionTable) -> None:
+    login(t, "s1", "alice")
+    t.apply(Resume("s1", H, "n3", 1, 0, "claim-b", 2.0, 7))
+    copy = SessionTable()
+    copy.restore(t.snapshot())
+    assert copy.sessions["s1"].attempt == 7 and copy.digest() == t.digest()
+    state = cbor2.loads(t.snapshot())
+    state["v"] = 2
+    state["sessions"] = [row[:-1] for row in state["sessions"]]
+    old = SessionTable()
+    old.restore(cbor2.dumps(state))
+    assert old.sessions["s1"].attempt == 0 and old.sessions["s1"].epoch == 2
+
+
 def test_resume_reattaches_an_orphan_without_presence_change(watched: SessionTable) -> None:
     """Detach then resume: the session is attached again, watchers hear nothing."""
     t = watched

@@ -1,0 +1,127 @@
+"""Idle sessions for the capacity bench: ``python -m bench.capacity_sub ...``.
+
+One process holds ``--count`` raw-protocol connections (``bench.loadgen``) to
+one node, users ``PREFIX<start>`` ... ``PREFIX<start+count-1>``, each bound to
+one of ``--sources`` (127.x.y.z addresses: one source address reaches one
+server address through at most ~28k ephemeral ports). It logs them in, at most
+``--concurrency`` at a time, then keeps them alive with a ``ping`` whenever a
+connection has sent nothing for ``--ping`` seconds, checked every second, so
+the pings are spread as the logins were. Stamps are ``time.perf_counter()``
+(``CLOCK_MONOTONIC``): comparable across processes of one machine.
+
+Driven by JSON lines on stdin (answers on stdout): ``login``, ``status``,
+``quit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.auth import Keys, issue_token, read_secret
+
+from .common import summarize
+from .loadgen import Counters, RawConn, login_all
+
+
+class Holders:
+    def __init__(self, args: argparse.Namespace):
+        keys = Keys.from_secret(read_secret(Path(args.secret_file)))
+        sources = args.sources.split(",")
+        self.concurrency = args.concurrency
+        self.ping_every = args.ping
+        self.counters = Counters()
+        self.conns: list[RawConn] = []
+        for i in range(args.count):
+            user = f"{args.prefix}{args.start + i}"
+            c = RawConn(args.addr, user, issue_token(keys.token, user, 6 * 3600),
+                        self.counters, i)
+            c.source = sources[i % len(sources)]
+            self.conns.append(c)
+        self.ok: list[RawConn] = []
+        self.pings = 0
+
+    def live(self) -> int:
+        return sum(1 for c in self.ok if not c.closed.is_set())
+
+    async def keepalive(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            now = time.perf_counter()
+            for c in self.ok:
+                if now - c.last_tx >= self.ping_every and not c.closed.is_set():
+                    c.post({"type": "ping"})
+                    self.pings += 1
+
+    async def control(self, nursery: trio.Nursery, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "login":
+            t0 = time.perf_counter()
+            self.ok = await login_all(nursery, self.conns, self.concurrency,
+                                      timeout=float(req.get("timeout", 60)))
+            t1 = time.perf_counter()
+            nursery.start_soon(self.keepalive)
+            lat = sorted(c.t_login_ok - c.t_connect for c in self.ok)
+            oks = [c.t_login_ok for c in self.ok]
+            return {"logged_in": len(self.ok), "t0": t0, "t1": t1,
+                    "first_ok": min(oks, default=t0), "last_ok": max(oks, default=t1),
+                    "latency_s": summarize(lat) if lat else None,
+                    "failures": self.counters.as_dict()}
+        if op == "status":
+            return {"live": self.live(), "pings": self.pings,
+                    "failures": self.counters.as_dict()}
+        return {"error": f"unknown op {op!r}"}
+
+
+def reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def amain(args: argparse.Namespace) -> None:
+    holders = Holders(args)
+    reply({"event": "up", "count": len(holders.conns)})
+    async with trio.open_nursery() as nursery:
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if not line:
+                break
+            req = json.loads(line)
+            if req["op"] == "quit":
+                reply({"bye": True})
+                break
+            try:
+                reply(await holders.control(nursery, req))
+            except Exception as e:  # answer, do not die: the bench reports it
+                reply({"error": f"{type(e).__name__}: {e}"})
+        # Closing without a bye: the sessions stay in their resume window, as after
+        # a client crash; the bench stops the cluster next.
+        for c in holders.conns:
+            if c.stream is not None:
+                c.closing = True
+                c.stream.socket.close()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.capacity_sub")
+    ap.add_argument("--addr", required=True, help="the node's client address host:port")
+    ap.add_argument("--secret-file", required=True)
+    ap.add_argument("--sources", required=True, help="local addresses to bind, comma-separated")
+    ap.add_argument("--prefix", default="idle")
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--ping", type=float, default=25.0)
+    trio.run(amain, ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

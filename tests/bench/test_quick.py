@@ -1,0 +1,39 @@
+"""Every bench's ``--quick`` run: a smoke test so the benches never rot.
+
+No thresholds and no timing asserts: a bench passes when it runs to the end,
+exits 0 and prints its JSON result (with its own figures and replica check)
+as the last line. Each starts its own real cluster (and, for ``zookeeper``, a
+real ZooKeeper ensemble: under ``CI=true`` a missing ZooKeeper fails it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import BENCHES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_quick_run(name: str, tmp_path: Path) -> None:
+    env = dict(os.environ, COLUMNS="150")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", name, "--quick", "--json", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+    assert proc.returncode == 0, f"bench {name} --quick exited {proc.returncode}:\n{tail}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"bench {name} printed nothing:\n{tail}"
+    result = json.loads(lines[-1])
+    assert result["bench"] == name
+    assert result["quick"] is True
+    assert list(tmp_path.glob(f"{name}-*.json")), "--out wrote no result file"
