@@ -276,6 +276,35 @@ def _durable_replace(src: str, dst: str) -> None:
 
 _pserializer.atomicReplace = _durable_replace
 
+stale_compactions = 0
+"""Own compactions abandoned because a leader's snapshot was installed meanwhile."""
+_orig_set_transmission = _pserializer.Serializer.setTransmissionData
+
+
+def _install_over_compaction(self: Any, data: Any) -> Any:
+    """pysyncobj installs a leader's snapshot even while this node's own compaction
+    child is still writing: that child then replaces the installed dump with the
+    older state, and its completion cuts the log at an index taken before the
+    install (it can empty the log, or leave a dump older than the log's start,
+    which this node then sends as a snapshot that no follower can continue from).
+    Before the last chunk of an incoming snapshot is put in place, the running
+    compaction is killed and forgotten."""
+    global stale_compactions
+    pid = self._Serializer__pid
+    if data is not None and data[2] and pid > 0:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+        self._Serializer__pid = 0
+        stale_compactions += 1
+        log.warning("abandoning this node's compaction: a leader's snapshot is installed")
+    return _orig_set_transmission(self, data)
+
+
+_pserializer.Serializer.setTransmissionData = _install_over_compaction
+
 _fsync_enabled = threading.local()
 
 
