@@ -21,7 +21,9 @@ compaction child.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gzip
 import logging
 import os
 import signal
@@ -290,6 +292,8 @@ def _install_over_compaction(self: Any, data: Any) -> Any:
     Before the last chunk of an incoming snapshot is put in place, the running
     compaction is killed and forgotten."""
     global stale_compactions
+    if data is not None and data[2] and _older_than_applied(self, data[0]):
+        return False
     pid = self._Serializer__pid
     if data is not None and data[2] and pid > 0:
         try:
@@ -303,7 +307,57 @@ def _install_over_compaction(self: Any, data: Any) -> Any:
     return _orig_set_transmission(self, data)
 
 
+stale_snapshots = 0
+"""Snapshots received that were not newer than what this node had already applied."""
+
+
+def _older_than_applied(ser: Any, last_chunk: bytes) -> bool:
+    """Whether a fully received snapshot is no newer than this node's applied state;
+    if so it is dropped. pysyncobj installs whatever a leader sends, even a snapshot
+    older than the follower's applied index (a leader re-sends it on stale replies):
+    that would take the table back in time and replay committed entries."""
+    global stale_snapshots
+    applied = getattr(ser, "_sb_applied", None)
+    f = ser._Serializer__incomingTransmissionFile
+    if applied is None or f is None:
+        return False
+    f.flush()
+    tmp = ser._Serializer__fileName + ".1.tmp"
+    try:
+        with open(tmp, "rb") as fh:
+            blob = fh.read() + bytes(last_chunk)
+        index = _pserializer.pickle.loads(gzip.decompress(blob))[1][1]
+    except Exception:  # not ours to judge: pysyncobj handles it as before
+        return False
+    mine = applied()
+    if index > mine:
+        return False
+    f.close()
+    ser._Serializer__incomingTransmissionFile = None
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    stale_snapshots += 1
+    log.info("ignoring a snapshot at index %d: this node has applied up to %d", index, mine)
+    return True
+
+
 _pserializer.Serializer.setTransmissionData = _install_over_compaction
+
+_orig_delete_to = _psyncobj.SyncObj._SyncObj__deleteEntriesTo
+
+
+def _delete_entries_to(self: Any, to_idx: int) -> None:
+    """Compaction cuts the log before ``to_idx``; one that would leave fewer than two
+    entries (a stale cut) would break pysyncobj for good, so it is skipped."""
+    raft_log = self._SyncObj__raftLog
+    if len(raft_log) < 2 or to_idx >= raft_log[-1][1]:
+        log.warning("skipping a log cut at %d: the log ends at %s", to_idx,
+                    raft_log[-1][1] if len(raft_log) else "nothing")
+        return
+    _orig_delete_to(self, to_idx)
+
+
+_psyncobj.SyncObj._SyncObj__deleteEntriesTo = _delete_entries_to
 
 _fsync_enabled = threading.local()
 
@@ -433,6 +487,7 @@ class ReplicatedLog:
                              consumers=[self._consumer])
         sync = self._sync
         self._consumer._index_of = lambda: sync.raftLastApplied + 1
+        sync._SyncObj__serializer._sb_applied = lambda: sync.raftLastApplied
         sync.addOnTickCallback(self._on_tick)
 
     # --- commands ---------------------------------------------------------------

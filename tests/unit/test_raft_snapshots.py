@@ -51,3 +51,31 @@ def test_a_snapshot_without_a_compaction_running_is_installed_as_before(
     assert s.setTransmissionData((b"", False, True)) is True
     assert dump.read_bytes() == b"abc"
     assert raft.stale_compactions == before
+
+
+def _dump(index: int) -> bytes:
+    """A dump as pysyncobj writes it: (state, last entry, entry before, members)."""
+    return gzip.compress(pickle.dumps(
+        (["state"], (b"cmd", index, 3), (b"cmd", index - 1, 3), set())))
+
+
+def test_a_snapshot_no_newer_than_the_applied_state_is_ignored(tmp_path: Path) -> None:
+    """A follower that has applied up to 100 drops a snapshot at 50 (a leader re-sent
+    it on a stale reply): its own dump stays, pysyncobj is told nothing arrived."""
+    dump = tmp_path / "raft.dump"
+    dump.write_bytes(b"my own dump")
+    s = Serializer(str(dump), 64 * 1024, True, None, None, None)
+    s._sb_applied = lambda: 100  # type: ignore[attr-defined]
+    before = getattr(raft, "stale_snapshots", 0)
+    old = _dump(50)
+    assert s.setTransmissionData((old, True, False)) is False
+    assert s.setTransmissionData((b"", False, True)) is False
+    assert dump.read_bytes() == b"my own dump"
+    assert not (tmp_path / "raft.dump.1.tmp").exists()
+    assert raft.stale_snapshots == before + 1
+    # A newer one is installed.
+    new = _dump(150)
+    assert s.setTransmissionData((new, True, False)) is False
+    assert s.setTransmissionData((b"", False, True)) is True
+    assert dump.read_bytes() == new
+    assert raft.stale_snapshots == before + 1
