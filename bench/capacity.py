@@ -60,8 +60,8 @@ class Plan:
     idle_s: float
 
 
-FULL = Plan(sessions=200_000, helpers=12, workers=12, concurrency=128, idle_s=60.0)
-QUICK = Plan(sessions=2_000, helpers=2, workers=2, concurrency=64, idle_s=5.0)
+FULL = Plan(sessions=200_000, helpers=12, workers=12, concurrency=32, idle_s=60.0)
+QUICK = Plan(sessions=2_000, helpers=2, workers=2, concurrency=32, idle_s=5.0)
 
 
 def _rss(pid: int) -> tuple[int, int]:

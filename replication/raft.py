@@ -59,6 +59,14 @@ DEFINITELY_NOT_APPLIED = {
 (leader changed, unknown outcome) may still commit later."""
 
 
+APPEND_ENTRIES_BYTES = 2 * 1024 * 1024
+"""Above any log entry (a batch is cut at 512 KiB plus one command), so pysyncobj
+never sends an entry in chunks: its chunked path marks the last chunk too early
+when the pickled entry crosses a chunk boundary that the bare command does not,
+and the followers then fail to unpickle it on every re-send (the cluster stops
+committing)."""
+
+
 @dataclass(frozen=True)
 class RaftTimings:
     """Raft timers. The defaults trade a little idle traffic for failover in well
@@ -459,6 +467,7 @@ class ReplicatedLog:
             autoTick=True,
             autoTickPeriod=t.tick,
             appendEntriesUseBatch=False,
+            appendEntriesBatchSizeBytes=APPEND_ENTRIES_BYTES,
             appendEntriesPeriod=t.append_entries_period,
             raftMinTimeout=t.election_min,
             raftMaxTimeout=t.election_max,
