@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,8 @@ class Holders:
             await trio.sleep(1.0)
             now = time.perf_counter()
             for c in self.ok:
-                if now - c.last_tx >= self.ping_every and not c.closed.is_set():
+                if (c.session is not None and now - c.last_tx >= self.ping_every
+                        and not c.closed.is_set()):
                     c.post({"type": "ping"})
                     self.pings += 1
 
@@ -63,10 +65,13 @@ class Holders:
         op = req["op"]
         if op == "login":
             t0 = time.perf_counter()
+            # Ping from the start: the first sessions must not fall silent while the
+            # last ones are still logging in.
+            self.ok = self.conns
+            nursery.start_soon(self.keepalive)
             self.ok = await login_all(nursery, self.conns, self.concurrency,
                                       timeout=float(req.get("timeout", 60)))
             t1 = time.perf_counter()
-            nursery.start_soon(self.keepalive)
             lat = sorted(c.t_login_ok - c.t_connect for c in self.ok)
             oks = [c.t_login_ok for c in self.ok]
             return {"logged_in": len(self.ok), "t0": t0, "t1": t1,
@@ -110,6 +115,7 @@ async def amain(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.nice(10)  # the load generator must not take the CPU from the node under test
     ap = argparse.ArgumentParser(prog="python -m bench.capacity_sub")
     ap.add_argument("--addr", required=True, help="the node's client address host:port")
     ap.add_argument("--secret-file", required=True)

@@ -35,6 +35,7 @@ PresenceHook = Callable[["RawConn", dict[str, Any], float], None]
 
 TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 STAMP = struct.Struct("<dI")  # (send time, sender index) at the head of a message body
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux
 SO_TIMESTAMPNS = 35  # Linux: kernel receive time stamps (SCM_TIMESTAMPNS has the same value)
 _TIMESPEC = struct.Struct("@qq")
 
@@ -151,6 +152,10 @@ class RawConn:
             if self.kernel_stamps:
                 sock.setsockopt(trio.socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             if self.source is not None:
+                # Without this, bind() picks the port itself and searches the whole
+                # port range for each of many thousands of sockets (kernel time
+                # grows with the count); with it the port is chosen at connect().
+                sock.setsockopt(trio.socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 await sock.bind((self.source, 0))
             await sock.connect(_split(self.addr))
         except BaseException:

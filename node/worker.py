@@ -65,6 +65,7 @@ log = structlog.get_logger("switchboard.worker")
 
 SHUTDOWN = error("shutdown", "the node is shutting down")
 STATS_PERIOD = 0.5
+WORKER_NICE = 5  # below the core's scheduling priority (see main)
 SILENCE_MARGIN = 1.0  # fence after fence_after + this without a word from the core
 LOGIN_SILENCE = 1.0  # refuse logins after this long without a word from the core
 GC_GEN0 = 20_000  # young collections every 20,000 allocations instead of 700
@@ -366,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != args.parent:
         return 0
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the core to handle
+    # The core (Raft, the table, every worker's requests) is the node's one serial
+    # path: when the machine is saturated it must not get a 1/(K+1) share of the
+    # CPU against its own K workers, or it falls silent, its workers fence and the
+    # cluster declares the node dead. Workers then slow down instead.
+    os.nice(WORKER_NICE)
     gc.set_threshold(GC_GEN0, 20, 20)
     logging.getLogger().setLevel(logging.INFO)
     return trio.run(run_worker, args.index, args.ipc_fd, args.counts_fd, args.slots)
