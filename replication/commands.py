@@ -367,7 +367,15 @@ def from_wire(item: Any) -> Command:
     return _from_wire_checked(item)
 
 
+LEGACY_ARITY = {"resume": 7}
+"""Ops whose older wire form had fewer fields (the new trailing ones default to 0):
+a log written before ``Resume.attempt`` existed still replays the same way."""
+
+
 def _from_wire_checked(item: Any) -> Command:
+    if (isinstance(item, list) and item and isinstance(item[0], str)
+            and LEGACY_ARITY.get(item[0]) == len(item) - 1):
+        item = [*item, 0]
     if not isinstance(item, list) or not item or not isinstance(item[0], str):
         raise CommandError("a command is a non-empty array starting with its op")
     cls = COMMANDS.get(item[0])
