@@ -208,6 +208,7 @@ def run(opts: Options) -> dict[str, Any]:
             task = prog.add_task(f"idle for {plan.idle_s:g} s", total=plan.idle_s)
             time.sleep(min(10.0, plan.idle_s / 2))  # let the last logins' garbage settle
             la1 = loadavg()
+            pings0 = sum(st0["pings"] for st0 in _parallel(helpers, {"op": "status"}, 60))
             c2, a2, h2 = n1_meter.snapshot(), all_meter.snapshot(), helper_meter.snapshot()
             t_idle = time.monotonic()
             while time.monotonic() - t_idle < plan.idle_s:
@@ -222,7 +223,7 @@ def run(opts: Options) -> dict[str, Any]:
                        "cpu_n1": CpuMeter.between(c2, c3), "cpu_nodes": CpuMeter.between(a2, a3),
                        "cpu_helpers_cores": CpuMeter.between(h2, h3)["nodes_cores"],
                        "live": sum(s["live"] for s in status),
-                       "pings": sum(s["pings"] for s in status),
+                       "pings": sum(s["pings"] for s in status) - pings0,
                        "failures": _merge_failures(status),
                        "n1_status_sessions": st.get("sessions", st.get("local_sessions"))}
         res["memory_before"], res["memory_after"] = mem0, mem1
@@ -300,7 +301,8 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
     k = res.get("kernel_tcp_bytes_per_connection")
     con.print(f"kernel TCP memory: {res['sockstat_before']} -> {res['sockstat_after']}"
               + (f" ({k:,.0f} bytes per connection, both ends)" if k is not None else ""))
-    con.print(f"idle {idle['seconds']:g} s: live {idle['live']:,}, pings {idle['pings']:,}; "
+    con.print(f"idle {idle['seconds']:g} s: live {idle['live']:,}, pings in the window "
+              f"{idle['pings']:,}; "
               f"CPU (cores) n1 {idle['cpu_n1']['nodes_cores']}, all nodes "
               f"{idle['cpu_nodes']['nodes_cores']}, helpers {idle['cpu_helpers_cores']}, "
               f"machine {idle['cpu_nodes']['machine_busy_cores']}; failures {idle['failures']}")
