@@ -25,7 +25,6 @@ that every session is still connected at the end.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,15 +34,14 @@ from .common import (
     BenchCluster,
     CpuMeter,
     Options,
-    emit,
+    finish,
     fmt_ms,
     machine_info,
     make_table,
     progress,
-    report_logs,
     report_replicas,
 )
-from .procs import HelperError, LineProc, children_of, loadavg, with_children
+from .procs import LineProc, call_all, children_of, loadavg, stop_all, with_children
 
 HEARTBEAT = 120.0
 PING = 100.0
@@ -106,31 +104,6 @@ def _sockstat() -> dict[str, int]:
     return out
 
 
-def _parallel(procs: list[LineProc], msg: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    """The same request to every helper at once; their answers in order."""
-    out: list[dict[str, Any] | BaseException] = [HelperError("no answer")] * len(procs)
-
-    def one(i: int, p: LineProc) -> None:
-        try:
-            out[i] = p.call(msg, timeout)
-        except BaseException as e:  # re-raised below, in the caller's thread
-            out[i] = e
-
-    ts = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(procs)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(timeout + 5)
-    res: list[dict[str, Any]] = []
-    for o in out:
-        if isinstance(o, BaseException):
-            raise o
-        if "error" in o:
-            raise HelperError(str(o["error"]))
-        res.append(o)
-    return res
-
-
 def _merge_failures(reps: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {"closed_early": 0, "protocol_errors": 0, "errors": {},
                              "byes": {}, "login_failures": {}}
@@ -189,7 +162,7 @@ def run(opts: Options) -> dict[str, Any]:
             task = prog.add_task(f"log in {plan.sessions:,} sessions", total=None)
             la0 = loadavg()
             c0, a0, h0 = n1_meter.snapshot(), all_meter.snapshot(), helper_meter.snapshot()
-            logins = _parallel(helpers, {"op": "login", "timeout": 120}, 1800)
+            logins = call_all(helpers, {"op": "login", "timeout": 120}, 1800)
             c1, a1, h1 = n1_meter.snapshot(), all_meter.snapshot(), helper_meter.snapshot()
             prog.update(task, total=1, completed=1)
             n_ok = sum(r["logged_in"] for r in logins)
@@ -208,7 +181,7 @@ def run(opts: Options) -> dict[str, Any]:
             task = prog.add_task(f"idle for {plan.idle_s:g} s", total=plan.idle_s)
             time.sleep(min(10.0, plan.idle_s / 2))  # let the last logins' garbage settle
             la1 = loadavg()
-            pings0 = sum(st0["pings"] for st0 in _parallel(helpers, {"op": "status"}, 60))
+            pings0 = sum(st0["pings"] for st0 in call_all(helpers, {"op": "status"}, 60))
             c2, a2, h2 = n1_meter.snapshot(), all_meter.snapshot(), helper_meter.snapshot()
             t_idle = time.monotonic()
             while time.monotonic() - t_idle < plan.idle_s:
@@ -217,7 +190,7 @@ def run(opts: Options) -> dict[str, Any]:
             c3, a3, h3 = n1_meter.snapshot(), all_meter.snapshot(), helper_meter.snapshot()
             mem1 = {n: _memory(p) for n, p in pids.items()}
             sock1 = _sockstat()
-            status = _parallel(helpers, {"op": "status"}, 60)
+            status = call_all(helpers, {"op": "status"}, 60)
             st = bc.c.status("n1")
         res["idle"] = {"seconds": plan.idle_s, "loadavg": la1,
                        "cpu_n1": CpuMeter.between(c2, c3), "cpu_nodes": CpuMeter.between(a2, a3),
@@ -238,13 +211,7 @@ def run(opts: Options) -> dict[str, Any]:
             (sock1.get("mem_bytes", 0) - sock0.get("mem_bytes", 0)) / n_ok if n_ok else None)
         res["counters"] = bc.node_counters()
     finally:
-        for hp in helpers:
-            try:
-                if hp.alive():
-                    hp.send({"op": "quit"})
-            except HelperError:
-                pass
-            hp.stop(30)
+        stop_all(helpers, 30)
         try:
             res["replicas"] = bc.check_replicas()
         except Exception as e:  # the figures above stand; say why the check failed
@@ -256,10 +223,7 @@ def run(opts: Options) -> dict[str, Any]:
     _print(opts, res)
     if "error" not in res["replicas"]:
         report_replicas(opts, res["replicas"])
-    report_logs(opts, bc.logs)
-    opts.console.print(f"total {res['duration_s']:.1f} s")
-    emit(opts, res)
-    return res
+    return finish(opts, res, bc.logs)
 
 
 def _verdict(res: dict[str, Any]) -> dict[str, Any]:

@@ -16,9 +16,7 @@ Driven by JSON lines on stdin (answers on stdout): ``login``, ``status``,
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from node.auth import Keys, issue_token, read_secret
 
 from .common import summarize
 from .loadgen import Counters, RawConn, login_all
+from .procs import serve_requests
 
 
 class Holders:
@@ -84,34 +83,18 @@ class Holders:
         return {"error": f"unknown op {op!r}"}
 
 
-def reply(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 async def amain(args: argparse.Namespace) -> None:
     holders = Holders(args)
-    reply({"event": "up", "count": len(holders.conns)})
-    async with trio.open_nursery() as nursery:
-        while True:
-            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
-            if not line:
-                break
-            req = json.loads(line)
-            if req["op"] == "quit":
-                reply({"bye": True})
-                break
-            try:
-                reply(await holders.control(nursery, req))
-            except Exception as e:  # answer, do not die: the bench reports it
-                reply({"error": f"{type(e).__name__}: {e}"})
+
+    async def close() -> None:
         # Closing without a bye: the sessions stay in their resume window, as after
         # a client crash; the bench stops the cluster next.
         for c in holders.conns:
             if c.stream is not None:
                 c.closing = True
                 c.stream.socket.close()
-        nursery.cancel_scope.cancel()
+
+    await serve_requests(len(holders.conns), holders.control, close)
 
 
 def main(argv: list[str] | None = None) -> int:

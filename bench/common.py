@@ -468,6 +468,15 @@ def report_logs(opts: Options, logs: LogReport) -> None:
         rows))
 
 
+def finish(opts: Options, res: dict[str, Any], logs: LogReport) -> dict[str, Any]:
+    """Every bench's last words: the node logs' warnings, the total time (from
+    ``res["duration_s"]``), the JSON result; returns ``res``."""
+    report_logs(opts, logs)
+    opts.console.print(f"total {res['duration_s']:.1f} s")
+    emit(opts, res)
+    return res
+
+
 def emit(opts: Options, result: dict[str, Any]) -> None:
     """Write the result file (--out) and the JSON line (--json), which is stdout's last."""
     data = clean_json(result)

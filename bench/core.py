@@ -33,13 +33,12 @@ from . import loadgen
 from .common import (
     BenchCluster,
     Options,
-    emit,
+    finish,
     fmt_ms,
     fmt_rate,
     machine_info,
     make_table,
     progress,
-    report_logs,
     report_replicas,
     summarize,
 )
@@ -392,7 +391,4 @@ def run(opts: Options) -> dict[str, Any]:
            "duration_s": time.monotonic() - t0}
     _print(opts, res)
     report_replicas(opts, res["replicas"])
-    report_logs(opts, bc.logs)
-    opts.console.print(f"total {res['duration_s']:.1f} s")
-    emit(opts, res)
-    return res
+    return finish(opts, res, bc.logs)

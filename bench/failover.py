@@ -42,12 +42,11 @@ from replication.raft import RaftTimings
 from .common import (
     BenchCluster,
     Options,
-    emit,
+    finish,
     fmt_ms,
     machine_info,
     make_table,
     progress,
-    report_logs,
     report_replicas,
     summarize,
 )
@@ -263,10 +262,7 @@ def run(opts: Options) -> dict[str, Any]:
     }
     _print(opts, res)
     report_replicas(opts, replicas)
-    report_logs(opts, bc.logs)
-    opts.console.print(f"total {res['duration_s']:.1f} s")
-    emit(opts, res)
-    return res
+    return finish(opts, res, bc.logs)
 
 
 def _print(opts: Options, res: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ as seen on star's node) until the last of the S subscribers received the
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,16 +27,15 @@ from .common import (
     BenchCluster,
     CpuMeter,
     Options,
-    emit,
+    finish,
     fmt_ms,
     machine_info,
     make_table,
     progress,
-    report_logs,
     report_replicas,
 )
 from .loadgen import Counters, RawConn, keepalive, open_and_login
-from .procs import HelperError, LineProc, loadavg, with_children
+from .procs import HelperError, LineProc, call_all, loadavg, stop_all, with_children
 
 NODE_ARGS = ["--frame-rate", "100000", "--allow-list-limit", "20000"]
 """--frame-rate: star sends S allow requests on one connection (default 500/s);
@@ -56,29 +54,6 @@ class Plan:
 
 FULL = Plan(subscribers=10_000, procs=2, changes=5, gap=1.0, concurrency=64)
 QUICK = Plan(subscribers=2_000, procs=2, changes=3, gap=0.5, concurrency=64)
-
-
-def _parallel(procs: list[LineProc], msg: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    """The same request to every helper at once; their answers in order."""
-    out: list[dict[str, Any] | BaseException] = [HelperError("no answer")] * len(procs)
-
-    def one(i: int, p: LineProc) -> None:
-        try:
-            out[i] = p.call(msg, timeout)
-        except BaseException as e:  # re-raised below, in the caller's thread
-            out[i] = e
-
-    ts = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(procs)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(timeout + 5)
-    res: list[dict[str, Any]] = []
-    for o in out:
-        if isinstance(o, BaseException):
-            raise o
-        res.append(o)
-    return res
 
 
 def _ms(x: float) -> float:
@@ -123,7 +98,7 @@ async def _star_session(bc: BenchCluster, plan: Plan, helpers: list[LineProc], s
                         "errors": dict(errors), "seconds": time.perf_counter() - t0,
                         "per_s": replies.get("allow", 0) / (time.perf_counter() - t0)}
         vis = await trio.to_thread.run_sync(
-            lambda: _parallel(helpers, {"op": "visible", "timeout": 60}, 90))
+            lambda: call_all(helpers, {"op": "visible", "timeout": 60}, 90))
         out["visible"] = {"visible": sum(v["visible"] for v in vis),
                           "live": sum(v["live"] for v in vis),
                           "seconds_after_allows": time.perf_counter() - t0 - out["allow"][
@@ -138,7 +113,7 @@ async def _star_session(bc: BenchCluster, plan: Plan, helpers: list[LineProc], s
             star.request({"type": "presence", "status": "away" if k % 2 == 0 else "online",
                           "text": text}, text, t0=t_send)
             req = {"op": "report", "text": text, "timeout": 20}
-            reps = await trio.to_thread.run_sync(_parallel, helpers, req, 40.0)
+            reps = await trio.to_thread.run_sync(call_all, helpers, req, 40.0)
             t_ok = oks.get(k)
             rows = [(node, t, kt) for r in reps for node, t, kt in r["times"]]
             expected = sum(r["live"] for r in reps)
@@ -211,7 +186,7 @@ def run(opts: Options) -> dict[str, Any]:
             t_login = prog.add_task("subscribers: log in + subscribe", total=None)
             la0 = loadavg()
             c0 = node_meter.snapshot()
-            logins = _parallel(helpers, {"op": "login", "timeout": 300}, 900)
+            logins = call_all(helpers, {"op": "login", "timeout": 300}, 900)
             res["logins"] = {
                 "logged_in": sum(r["logged_in"] for r in logins),
                 "login_s": max(r["login_s"] for r in logins),
@@ -236,26 +211,17 @@ def run(opts: Options) -> dict[str, Any]:
                                                 - scpu["nodes_cores"]), 2),
                                             "loadavg": la1}
             res["counters"] = bc.node_counters()
-            _parallel(helpers, {"op": "logout"}, 60)
+            call_all(helpers, {"op": "logout"}, 60)
         res["replicas"] = bc.check_replicas()
     finally:
-        for h in helpers:
-            try:
-                if h.alive():
-                    h.send({"op": "quit"})
-            except HelperError:
-                pass
-            h.stop(15)
+        stop_all(helpers, 15)
         bc.stop()
     res["node_logs"] = bc.logs.as_dict()
     res["goal"] = _verdict(res)
     res["duration_s"] = time.monotonic() - t_start
     _print(opts, res)
     report_replicas(opts, res["replicas"])
-    report_logs(opts, bc.logs)
-    opts.console.print(f"total {res['duration_s']:.1f} s")
-    emit(opts, res)
-    return res
+    return finish(opts, res, bc.logs)
 
 
 def _lasts(res: dict[str, Any], label: str) -> list[float]:

@@ -16,8 +16,6 @@ Driven by JSON lines on stdin (answers on stdout): ``login``, ``visible``,
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +26,7 @@ import trio
 from node.auth import Keys, issue_token, read_secret
 
 from .loadgen import Counters, RawConn, keepalive, login_all, logout_all, spread
+from .procs import serve_requests
 
 
 class Subscribers:
@@ -120,30 +119,14 @@ class Subscribers:
         return {"error": f"unknown op {op!r}"}
 
 
-def reply(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 async def amain(args: argparse.Namespace) -> None:
     subs = Subscribers(args)
-    reply({"event": "up", "count": len(subs.conns)})
-    async with trio.open_nursery() as nursery:
-        while True:
-            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
-            if not line:
-                break
-            req = json.loads(line)
-            if req["op"] == "quit":
-                reply({"bye": True})
-                break
-            try:
-                reply(await subs.control(nursery, req))
-            except Exception as e:  # answer, do not die: the bench reports it
-                reply({"error": f"{type(e).__name__}: {e}"})
+
+    async def close() -> None:
         for c in subs.conns:
             await c.aclose()
-        nursery.cancel_scope.cancel()
+
+    await serve_requests(len(subs.conns), subs.control, close)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,13 +27,12 @@ from . import loadgen
 from .common import (
     BenchCluster,
     Options,
-    emit,
+    finish,
     fmt_ms,
     fmt_rate,
     machine_info,
     make_table,
     progress,
-    report_logs,
     report_replicas,
     summarize,
 )
@@ -157,10 +156,7 @@ def run(opts: Options) -> dict[str, Any]:
     for r in runs:
         opts.console.print(f"{r['config']} round {r['round']}: ", end="")
         report_replicas(opts, r["replicas"])
-    report_logs(opts, logs)
-    opts.console.print(f"total {res['duration_s']:.1f} s")
-    emit(opts, res)
-    return res
+    return finish(opts, res, logs)
 
 
 def _lat(cfg: dict[str, Any], key: str) -> float:

@@ -5,8 +5,10 @@ their stdin/stdout, stopped by PID.
 ``PR_SET_PDEATHSIG`` (it never outlives the bench), sends one JSON object per
 line and reads one JSON object per line back, with a deadline on every read.
 ``stop`` closes stdin (the helper exits on EOF), then SIGTERM, then SIGKILL,
-always by the PID it started. Also: the CPU of a process and its live
-descendants (node gateway workers), for ``CpuMeter``.
+always by the PID it started; ``call_all`` and ``stop_all`` do that for a
+group. ``serve_requests`` is the other side: a helper's request loop. Also: the
+CPU of a process and its live descendants (node gateway workers), for
+``CpuMeter``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import trio
 
 
 class HelperError(Exception):
@@ -136,6 +140,73 @@ class LineProc:
         if p.stdout is not None:
             p.stdout.close()
         return p.returncode
+
+
+def call_all(procs: Sequence[LineProc], msg: dict[str, Any],
+             timeout: float) -> list[dict[str, Any]]:
+    """The same request to every helper at once; their answers in order (the first
+    HelperError or other failure is raised in the caller's thread)."""
+    out: list[dict[str, Any] | BaseException] = [HelperError("no answer")] * len(procs)
+
+    def one(i: int, p: LineProc) -> None:
+        try:
+            out[i] = p.call(msg, timeout)
+        except BaseException as e:  # re-raised below, in the caller's thread
+            out[i] = e
+
+    ts = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(procs)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout + 5)
+    res: list[dict[str, Any]] = []
+    for o in out:
+        if isinstance(o, BaseException):
+            raise o
+        res.append(o)
+    return res
+
+
+def stop_all(procs: Sequence[LineProc], timeout: float) -> None:
+    """Ask every live helper to quit, then stop each by PID."""
+    for p in procs:
+        try:
+            if p.alive():
+                p.send({"op": "quit"})
+        except HelperError:
+            pass
+        p.stop(timeout)
+
+
+def _reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def serve_requests(
+        count: int,
+        control: Callable[[trio.Nursery, dict[str, Any]], Awaitable[dict[str, Any]]],
+        close: Callable[[], Awaitable[None]]) -> None:
+    """A helper's side: announce ``count`` connections, then answer each JSON line
+    on stdin with ``control``'s answer (an exception becomes an ``error`` answer:
+    the bench reports it) until ``quit`` or EOF; then ``close`` and cancel every
+    task started in the nursery handed to ``control``."""
+    _reply({"event": "up", "count": count})
+    async with trio.open_nursery() as nursery:
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if not line:
+                break
+            req = json.loads(line)
+            if req["op"] == "quit":
+                _reply({"bye": True})
+                break
+            try:
+                _reply(await control(nursery, req))
+            except Exception as e:  # answer, do not die: the bench reports it
+                _reply({"error": f"{type(e).__name__}: {e}"})
+        await close()
+        nursery.cancel_scope.cancel()
 
 
 def children_of(pids: Sequence[int]) -> list[int]:

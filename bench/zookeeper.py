@@ -58,13 +58,12 @@ from .common import (
     BenchCluster,
     CpuMeter,
     Options,
-    emit,
+    finish,
     fmt_ms,
     fmt_rate,
     machine_info,
     make_table,
     progress,
-    report_logs,
     report_replicas,
     summarize,
 )
@@ -575,10 +574,7 @@ def run(opts: Options) -> dict[str, Any]:
     res["duration_s"] = time.monotonic() - t_start
     _print(opts, res)
     report_replicas(opts, res["replicas"])
-    report_logs(opts, bc.logs)
-    opts.console.print(f"total {res['duration_s']:.1f} s")
-    emit(opts, res)
-    return res
+    return finish(opts, res, bc.logs)
 
 
 def _kazoo_version() -> str:
