@@ -300,10 +300,12 @@ def _install_over_compaction(self: Any, data: Any) -> Any:
     Before the last chunk of an incoming snapshot is put in place, the running
     compaction is killed and forgotten."""
     global stale_compactions
-    if data is not None and data[2] and _older_than_applied(self, data[0]):
+    if data is None or not data[2]:  # not the last chunk: nothing to decide yet
+        return _orig_set_transmission(self, data)
+    if _older_than_applied(self, data[0]):
         return False
     pid = self._Serializer__pid
-    if data is not None and data[2] and pid > 0:
+    if pid > 0:
         try:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)

@@ -20,6 +20,7 @@ from client import Message, PresenceEvent, Reconnected
 from cluster.adminclient import admin_call
 from node.protocol import SERVER_FRAMES, FrameDecoder, encode
 from tests.conftest import Cluster
+from tests.integration.streams import stream_through
 
 pytestmark = pytest.mark.integration
 
@@ -46,44 +47,18 @@ async def stream_through_kill(c: Cluster, victim: str, bob_node: str, count: int
             assert alice.node_id == victim and bob.node_id == bob_node
             await _settle_presence(alice, bob)
             session_id = alice.session_id
-            sent: list[int] = []
-            received: list[Message] = []
-            bob_saw: list[PresenceEvent] = []
-            reconnects: list[Reconnected] = []
-            done = trio.Event()
 
-            async def alice_reads() -> None:
-                async for ev in alice.events():
-                    if isinstance(ev, Message):
-                        received.append(ev)
-                        await alice.ack(ev)
-                        if len(received) == count:
-                            done.set()
-                    elif isinstance(ev, Reconnected):
-                        reconnects.append(ev)
+            async def kill() -> None:
+                await trio.to_thread.run_sync(c.kill, victim)
 
-            async def bob_watches() -> None:
-                async for ev in bob.events():
-                    if isinstance(ev, PresenceEvent) and ev.user == "alice":
-                        bob_saw.append(ev)
+            got = await stream_through(alice, bob, count, kill_after, kill)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(alice_reads)
-                nursery.start_soon(bob_watches)
-                for i in range(count):
-                    sent.append(await bob.send("alice", f"m{i}"))
-                    if i + 1 == kill_after:
-                        await trio.to_thread.run_sync(c.kill, victim)
-                await done.wait()
-                await trio.sleep(0.5)  # room for a (wrong) duplicate to show up
-                nursery.cancel_scope.cancel()
-
-            assert [m.id for m in received] == sent, "lost, duplicated or reordered"
-            assert [m.body for m in received] == [f"m{i}" for i in range(count)]
+            assert [m.id for m in got.received] == got.sent, "lost, duplicated or reordered"
+            assert [m.body for m in got.received] == [f"m{i}" for i in range(count)]
             assert alice.session_id == session_id
             assert alice.node_id != victim
-            assert reconnects and all(r.resumed for r in reconnects)
-            assert all(ev.status != "offline" for ev in bob_saw), bob_saw
+            assert got.reconnects and all(r.resumed for r in got.reconnects)
+            assert all(ev.status != "offline" for ev in got.bob_saw), got.bob_saw
 
 
 async def test_kill_the_follower_holding_alice(make_cluster: Callable[..., Cluster]) -> None:

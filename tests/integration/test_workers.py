@@ -20,6 +20,7 @@ from client import Message, PresenceEvent, Reconnected
 from cluster.membership import ClusterAdmin
 from node.protocol import SERVER_FRAMES, FrameDecoder, encode
 from tests.conftest import Cluster
+from tests.integration.streams import stream_through
 
 pytestmark = pytest.mark.integration
 
@@ -189,42 +190,16 @@ async def test_killing_a_worker_moves_its_clients_and_the_node_serves_on(
                 await bob.allow("alice")
                 await bob.subscribe("alice")
                 session_id = alice.session_id
-                sent: list[int] = []
-                received: list[Message] = []
-                reconnects: list[Reconnected] = []
-                bob_saw: list[PresenceEvent] = []
-                done = trio.Event()
 
-                async def alice_reads() -> None:
-                    async for ev in alice.events():
-                        if isinstance(ev, Message):
-                            received.append(ev)
-                            await alice.ack(ev)
-                            if len(received) == count:
-                                done.set()
-                        elif isinstance(ev, Reconnected):
-                            reconnects.append(ev)
+                async def kill() -> None:
+                    os.kill(victim["pid"], signal.SIGKILL)
 
-                async def bob_watches() -> None:
-                    async for ev in bob.events():
-                        if isinstance(ev, PresenceEvent) and ev.user == "alice":
-                            bob_saw.append(ev)
+                got = await stream_through(alice, bob, count, kill_after, kill)
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(alice_reads)
-                    nursery.start_soon(bob_watches)
-                    for i in range(count):
-                        sent.append(await bob.send("alice", f"m{i}"))
-                        if i + 1 == kill_after:
-                            os.kill(victim["pid"], signal.SIGKILL)
-                    await done.wait()
-                    await trio.sleep(0.5)  # room for a (wrong) duplicate to show up
-                    nursery.cancel_scope.cancel()
-
-                assert [m.id for m in received] == sent, "lost, duplicated or reordered"
+                assert [m.id for m in got.received] == got.sent, "lost, duplicated or reordered"
                 assert alice.session_id == session_id and alice.node_id != "n1"
-                assert reconnects and all(r.resumed for r in reconnects)
-                assert all(ev.status != "offline" for ev in bob_saw), bob_saw
+                assert got.reconnects and all(r.resumed for r in got.reconnects)
+                assert all(ev.status != "offline" for ev in got.bob_saw), got.bob_saw
 
                 # The node restarted the worker, and its other worker never stopped.
                 st = await _wait_status(c, "n1", lambda s: all(
