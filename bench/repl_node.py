@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node.core import tune_collector
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Ack, Allow, Command, Login, Send, SetPresence, Subscribe
 
@@ -485,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="raw mode: propose pre-encoded batches (the notes' method)")
     args = ap.parse_args(argv)
     inc = secrets.randbits(62) | 1
+    # The node process's collector settings, in every mode: the baselines get them too.
+    tune_collector()
     server: Server = (FsmServer(args, args.id, inc) if args.mode == "fsm"
                       else RawServer(args, args.id, inc))
     if args.prebuilt and args.mode != "raw":

@@ -215,6 +215,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from node import logs
     from node.auth import SecretError, read_secret
     from node.config import ConfigError, NodeConfig, parse_addr
+    from node.core import tune_collector
     from node.server import run_node
     from node.workers import WorkerError
 
@@ -271,6 +272,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(info) + "\n")
         sys.stdout.flush()
 
+    tune_collector()
     try:
         trio.run(run_node, config, announce)
     except BaseException as exc:

@@ -23,7 +23,7 @@ from .table import Effect, Result, SessionTable, error
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """One applied command: the proposer's request id, its result and local effects."""
 
@@ -32,7 +32,7 @@ class Outcome:
     effects: list[Effect]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AppliedBatch:
     origin: str
     inc: int

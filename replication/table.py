@@ -22,6 +22,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import cbor2
@@ -61,7 +62,11 @@ MAX_TICK_STEP = 5.0
 
 RECENT_SENDS = 1024
 """How many of a user's latest client message ids (over all their sessions) are
-remembered for deduplication; the client library keeps at most 256 in flight."""
+at least remembered for deduplication; the client library keeps at most 256 in
+flight. Up to ``RECENT_SENDS_MAX`` are kept: the oldest are dropped in one go
+when there are more, because dropping the oldest entry of a dict one at a time
+costs a scan over the dict's deleted slots on every send."""
+RECENT_SENDS_MAX = RECENT_SENDS + RECENT_SENDS // 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +111,7 @@ class Session:
     attempt: int = 0  # the highest client resume attempt number applied
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     id: int
     seq: int
@@ -151,7 +156,7 @@ RETIRED_INCARNATIONS = 16
 # --- results and effects ----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Result:
     """A command's outcome: ``ok`` with a value, or an error ``code`` + ``reason``."""
 
@@ -168,7 +173,7 @@ def error(code: str, reason: str) -> Result:
     return Result(False, None, code, reason)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """Push ``message`` to these local sessions."""
 
@@ -176,7 +181,7 @@ class Deliver:
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PresenceNotice:
     """Tell these local sessions that ``user``'s presence is now this."""
 
@@ -187,7 +192,7 @@ class PresenceNotice:
     last_seen: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionClosed:
     """Close the local connection of session ``session`` at ``epoch``: it moved
     to another connection, expired, or ended."""
@@ -406,9 +411,17 @@ class SessionTable:
         return self.local is not None and s.node == self.local[0] and s.inc == self.local[1]
 
     def _local_of(self, u: User) -> list[str]:
+        """``u``'s sessions that this node (this incarnation) owns."""
         if self.local is None:
             return []
-        return [sid for sid in u.sessions if self._owned_here(self.sessions[sid])]
+        node, inc = self.local
+        sessions = self.sessions
+        return [sid for sid in u.sessions
+                if (s := sessions[sid]).node == node and s.inc == inc]
+
+    def _has_local(self) -> bool:
+        """Some session is owned by this node (by any of its incarnations)."""
+        return self.local is not None and self.local[0] in self.by_node
 
     def _aggregate(self, u: User) -> tuple[str, str | None]:
         best: Session | None = None
@@ -424,10 +437,7 @@ class SessionTable:
         return (best.status, best.text)
 
     def _watchers(self, u: User) -> Iterable[str]:
-        a, b = u.subscribers, u.allowed
-        if len(a) > len(b):
-            a, b = b, a
-        return [w for w in a if w in b]
+        return u.subscribers & u.allowed
 
     def _announce(self, u: User, effects: list[Effect]) -> None:
         """If ``u``'s aggregate presence changed, tell the local sessions of its watchers."""
@@ -436,7 +446,7 @@ class SessionTable:
             return
         u.shown = shown
         self.stats.presence_updates += 1
-        if self.local is None:
+        if not self._has_local():
             return
         targets: list[str] = []
         for w in self._watchers(u):
@@ -699,12 +709,12 @@ class SessionTable:
         to.next_seq += 1
         to.mailbox[m.seq] = m
         sender.sent[c.cmid] = m.id
-        if len(sender.sent) > RECENT_SENDS:
-            del sender.sent[next(iter(sender.sent))]
+        if len(sender.sent) > RECENT_SENDS_MAX:
+            sender.sent = dict(islice(sender.sent.items(), len(sender.sent) - RECENT_SENDS, None))
         self.stats.messages_sent += 1
         self.stats.mailbox_messages += 1
         effects: list[Effect] = []
-        if self.local is not None:
+        if self._has_local():
             targets = self._local_of(to)
             if targets:
                 effects.append(Deliver(targets, m))

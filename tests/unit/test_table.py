@@ -36,6 +36,7 @@ from replication.commands import (
 from replication.table import (
     MAX_TICK_STEP,
     RECENT_SENDS,
+    RECENT_SENDS_MAX,
     Deliver,
     Effect,
     Limits,
@@ -456,14 +457,19 @@ def test_send_dedupe_survives_resume_and_logout(t: SessionTable) -> None:
 
 
 def test_send_dedupe_remembers_recent_sends_only(t: SessionTable) -> None:
-    """Only the user's latest RECENT_SENDS cmids are remembered."""
+    """At least the user's latest RECENT_SENDS cmids are remembered, at most
+    RECENT_SENDS_MAX: the oldest are dropped in one go."""
     login(t, "a1", "alice")
-    for cmid in range(1, RECENT_SENDS + 2):
+    for cmid in range(1, RECENT_SENDS_MAX + 1):
         send(t, "a1", cmid, "bob")
-    assert len(t.users["alice"].sent) == RECENT_SENDS
-    assert send(t, "a1", 2, "bob")[0].value == {"id": 2, "duplicate": True}
-    assert send(t, "a1", 1, "bob")[0].value == {"id": RECENT_SENDS + 2,
-                                                "seq": RECENT_SENDS + 2}
+    assert len(t.users["alice"].sent) == RECENT_SENDS_MAX
+    assert send(t, "a1", 1, "bob")[0].value == {"id": 1, "duplicate": True}
+    n = RECENT_SENDS_MAX + 1
+    assert send(t, "a1", n, "bob")[0].value == {"id": n, "seq": n}
+    assert list(t.users["alice"].sent) == list(range(n - RECENT_SENDS + 1, n + 1))
+    first = n - RECENT_SENDS + 1
+    assert send(t, "a1", first, "bob")[0].value == {"id": first, "duplicate": True}
+    assert send(t, "a1", first - 1, "bob")[0].value == {"id": n + 1, "seq": n + 1}
 
 
 @pytest.mark.parametrize("cmid", [0, -1])
