@@ -171,6 +171,8 @@ def run(opts: Options) -> dict[str, Any]:
             ramp = max(1e-6, t_last - t_first)
             res["login"] = {
                 "logged_in": n_ok, "seconds": ramp, "per_s": n_ok / ramp,
+                "failed_first_attempt": sum(r["failed_first"] for r in logins),
+                "retried": sum(r["retried"] for r in logins),
                 "latency_p50_ms_by_helper": [r["latency_s"]["p50_ms"] for r in logins
                                              if r["latency_s"]],
                 "latency_p99_ms_by_helper": [r["latency_s"]["p99_ms"] for r in logins
@@ -246,8 +248,9 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
     con.print(f"logged in {lg['logged_in']:,} sessions in {lg['seconds']:.1f} s: "
               f"[bold]{lg['per_s']:,.0f} logins/s[/]; connect + login latency p50 by helper "
               f"{', '.join(fmt_ms(x) for x in lg['latency_p50_ms_by_helper'])} ms, p99 "
-              f"{', '.join(fmt_ms(x) for x in lg['latency_p99_ms_by_helper'])} ms; failures "
-              f"{lg['failures']}")
+              f"{', '.join(fmt_ms(x) for x in lg['latency_p99_ms_by_helper'])} ms; "
+              f"{lg['failed_first_attempt']:,} failed at the first attempt, "
+              f"{lg['retried']:,} login retries; failures {lg['failures']}")
     con.print(f"CPU during the logins (cores): n1 {lg['cpu_n1']['nodes_cores']}, all nodes "
               f"{lg['cpu_nodes']['nodes_cores']}, helpers {lg['cpu_helpers_cores']}, machine "
               f"{lg['cpu_nodes']['machine_busy_cores']}")

@@ -4,7 +4,9 @@ One process holds ``--count`` raw-protocol connections (``bench.loadgen``) to
 one node, users ``PREFIX<start>`` ... ``PREFIX<start+count-1>``, each bound to
 one of ``--sources`` (127.x.y.z addresses: one source address reaches one
 server address through at most ~28k ephemeral ports). It logs them in, at most
-``--concurrency`` at a time, then keeps them alive with a ``ping`` whenever a
+``--concurrency`` at a time (a session whose login fails, e.g. refused
+while its node had fenced itself, logs in again on a new connection, up to
+``--retries`` times, as a client does), then keeps them alive with a ``ping`` whenever a
 connection has sent nothing for ``--ping`` seconds, checked every second, so
 the pings are spread as the logins were. Stamps are ``time.perf_counter()``
 (``CLOCK_MONOTONIC``): comparable across processes of one machine.
@@ -37,6 +39,7 @@ class Holders:
         self.concurrency = args.concurrency
         self.ping_every = args.ping
         self.counters = Counters()
+        self.retries = args.retries
         self.conns: list[RawConn] = []
         for i in range(args.count):
             user = f"{args.prefix}{args.start + i}"
@@ -46,6 +49,12 @@ class Holders:
             self.conns.append(c)
         self.ok: list[RawConn] = []
         self.pings = 0
+
+    def _again(self, c: RawConn) -> RawConn:
+        """A new connection for a failed one's user, as a client reconnects."""
+        fresh = RawConn(c.addr, c.user, c.token, self.counters, c.index)
+        fresh.source = c.source
+        return fresh
 
     def live(self) -> int:
         return sum(1 for c in self.ok if not c.closed.is_set())
@@ -68,12 +77,28 @@ class Holders:
             # last ones are still logging in.
             self.ok = self.conns
             nursery.start_soon(self.keepalive)
-            self.ok = await login_all(nursery, self.conns, self.concurrency,
-                                      timeout=float(req.get("timeout", 60)))
+            timeout = float(req.get("timeout", 60))
+            ok = await login_all(nursery, self.conns, self.concurrency, timeout=timeout)
+            first_failed = len(self.conns) - len(ok)
+            done = {id(c) for c in ok}
+            failed = [c for c in self.conns if id(c) not in done]
+            retried = 0
+            for _ in range(self.retries):  # a real client logs in again after a refusal
+                if not failed:
+                    break
+                await trio.sleep(1.0)
+                again = [self._again(c) for c in failed]
+                retried += len(again)
+                got = await login_all(nursery, again, self.concurrency, timeout=timeout)
+                ok += got
+                done = {id(c) for c in got}
+                failed = [c for c in again if id(c) not in done]
+            self.ok = ok
             t1 = time.perf_counter()
             lat = sorted(c.t_login_ok - c.t_connect for c in self.ok)
             oks = [c.t_login_ok for c in self.ok]
-            return {"logged_in": len(self.ok), "t0": t0, "t1": t1,
+            return {"logged_in": len(self.ok), "failed_first": first_failed,
+                    "retried": retried, "t0": t0, "t1": t1,
                     "first_ok": min(oks, default=t0), "last_ok": max(oks, default=t1),
                     "latency_s": summarize(lat) if lat else None,
                     "failures": self.counters.as_dict()}
@@ -108,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, required=True)
     ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--ping", type=float, default=25.0)
+    ap.add_argument("--retries", type=int, default=3,
+                    help="log a failed session in again up to this many times (1 s apart)")
     trio.run(amain, ap.parse_args(argv))
     return 0
 
