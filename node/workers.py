@@ -51,7 +51,7 @@ from replication.table import Deliver, Effect, PresenceNotice, Result, SessionCl
 from .config import NodeConfig, format_addr
 from .core import Core
 from .gateway import GatewayStats
-from .ipc import Channel
+from .ipc import Channel, poll_all
 
 log = structlog.get_logger("switchboard.workers")
 
@@ -383,9 +383,8 @@ class WorkerPool:
             # A login or resume. Failed logins count node-wide: first take in what
             # the other workers sent already (the failure this client saw before it
             # came back on another worker is in there), then check its address.
-            for other in self.children:
-                if other is not w and other.channel is not None:
-                    other.channel.poll()
+            poll_all([other.channel for other in self.children
+                      if other is not w and other.channel is not None])
             if self.core.failed_logins.blocked(ip):
                 channel.send({"t": "result", "w": wrid, "ok": False, "code": "rate-limited",
                               "reason": "too many failed logins from this address; try "

@@ -30,7 +30,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,13 @@ class _DurableFileJournal(_pjournal.FileJournal):
     skipped, and only the first differing entry (or the next read) performs the
     real truncation, so the log ends exactly where pysyncobj expects while
     identical entries are neither rewritten nor fsynced again.
+
+    Leader's entries: while ``deferring`` (set by ``ReplicatedLog`` around the
+    leader's append of new entries) an added entry is fsynced when deferring
+    ends, after pysyncobj has sent it to the followers, so the leader's fsync
+    overlaps the followers' instead of preceding it. It still ends before the
+    tick thread reads the followers' answers, so the leader's copy is durable
+    before the leader counts itself toward the entry's commit.
     """
 
     fsync_count = 0
@@ -143,7 +150,21 @@ class _DurableFileJournal(_pjournal.FileJournal):
     def __init__(self, journal_file: str, fsync: bool):
         self._fsync = fsync
         self._cut: int | None = None
+        self._deferring = False
+        self._unsynced = False
         super().__init__(journal_file)
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Entries added inside are fsynced once, at the end."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._unsynced:
+                self._unsynced = False
+                self._sync()
 
     def _sync(self) -> None:
         if not self._fsync:
@@ -175,7 +196,10 @@ class _DurableFileJournal(_pjournal.FileJournal):
                                 idx, have[2], term)
             self._settle()
         super().add(command, idx, term)
-        self._sync()
+        if self._deferring:
+            self._unsynced = True
+        else:
+            self._sync()
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         self._settle()
@@ -500,6 +524,17 @@ class ReplicatedLog:
         self._consumer._index_of = lambda: sync.raftLastApplied + 1
         sync._SyncObj__serializer._sb_applied = lambda: sync.raftLastApplied
         sync.addOnTickCallback(self._on_tick)
+        journal = sync._SyncObj__raftLog
+        if isinstance(journal, _DurableFileJournal):
+            # The leader appends proposed entries and sends them to the followers in
+            # _checkCommandsToApply (appendEntriesUseBatch=False); fsync after the send.
+            check = sync._checkCommandsToApply
+
+            def check_deferring() -> None:
+                with journal.deferring():
+                    check()
+
+            sync._checkCommandsToApply = check_deferring
 
     # --- commands ---------------------------------------------------------------
 

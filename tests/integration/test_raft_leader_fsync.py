@@ -1,0 +1,92 @@
+"""The leader fsyncs a new entry after sending it to the followers, never after
+applying it: three real ``ReplicatedLog`` members on loopback, fsync on.
+
+Before, the leader fsynced each proposed entry before pysyncobj sent it, so a
+commit waited for two fsyncs in a row (the leader's, then a follower's); now
+the two overlap. The leader's copy must still be durable before it counts
+itself toward the commit, so before the entry is applied.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pysyncobj.journal as pjournal
+import pytest
+
+from cluster.ports import free_base_port
+from replication.batch import AppliedBatch, encode_batch
+from replication.commands import Noop
+from replication.raft import RaftConfig, ReplicatedLog
+from replication.table import SessionTable
+
+pytestmark = [pytest.mark.integration]
+
+
+def _last_index(journal: Any) -> int:
+    return int(pjournal.FileJournal.__getitem__(journal, -1)[1])
+
+
+def test_leader_fsyncs_after_sending_and_before_applying(tmp_path: Path) -> None:
+    base = free_base_port(3)
+    addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
+    events: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    logs: list[ReplicatedLog] = []
+    is_leader = [False] * 3
+
+    def on_applied(member: int) -> Any:
+        def record(index: int, batch: AppliedBatch) -> None:
+            if is_leader[member] and batch.origin == "t":
+                with lock:
+                    events.append(("applied", index))
+        return record
+
+    try:
+        for k, addr in enumerate(addrs):
+            cfg = RaftConfig(self_addr=addr, peers=tuple(a for a in addrs if a != addr),
+                             data_dir=tmp_path / f"m{k}", password="test-secret", fsync=True)
+            logs.append(ReplicatedLog(cfg, SessionTable(), on_applied(k)))
+        deadline = time.monotonic() + 20
+        while not any(lg.status().role == "leader" for lg in logs):
+            assert time.monotonic() < deadline, "no leader"
+            time.sleep(0.05)
+        k = next(i for i, lg in enumerate(logs) if lg.status().role == "leader")
+        sync = logs[k]._sync
+        journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
+        fsync, send = journal._sync, sync._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
+
+        def recording_fsync() -> None:
+            with lock:
+                events.append(("fsync", _last_index(journal)))
+            fsync()
+
+        def recording_send(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                events.append(("send", _last_index(journal)))
+            return send(*args, **kwargs)
+
+        journal._sync = recording_fsync
+        sync._SyncObj__sendAppendEntries = recording_send  # type: ignore[attr-defined]
+        is_leader[k] = True
+        failures: list[str] = []
+        for seq in range(1, 6):
+            logs[k].propose(encode_batch("t", 1, seq, [(0, Noop())]),
+                            lambda reason, _maybe: failures.append(reason))
+            deadline = time.monotonic() + 10
+            while sum(1 for e in events if e[0] == "applied") < seq:
+                assert time.monotonic() < deadline, f"batch {seq} not applied: {failures}"
+                time.sleep(0.01)
+        with lock:
+            seen = list(events)
+        for _, index in (e for e in seen if e[0] == "applied"):
+            first_fsync = next(i for i, e in enumerate(seen) if e[0] == "fsync" and e[1] >= index)
+            first_send = next(i for i, e in enumerate(seen) if e[0] == "send" and e[1] >= index)
+            applied_at = seen.index(("applied", index))
+            assert first_send < first_fsync < applied_at, (index, seen)
+    finally:
+        for lg in logs:
+            lg.close()
