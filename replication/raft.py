@@ -471,6 +471,25 @@ def _die_with_parent() -> None:
         pass
 
 
+class _SyncObj(SyncObj):
+    """pysyncobj's SyncObj, whose leader fsyncs new entries after sending them.
+
+    A subclass, not attributes set on the instance: pysyncobj pickles every
+    attribute added after its constructor into each snapshot, and a function
+    there makes every compaction fail.
+    """
+
+    def _checkCommandsToApply(self) -> None:
+        # The leader appends proposed entries and sends them to the followers here
+        # (appendEntriesUseBatch=False): fsync them after the send.
+        journal = self._SyncObj__raftLog
+        if isinstance(journal, _DurableFileJournal):
+            with journal.deferring():
+                super()._checkCommandsToApply()
+        else:
+            super()._checkCommandsToApply()
+
+
 class ReplicatedLog:
     """A session table replicated through pysyncobj; see the module docstring."""
 
@@ -518,23 +537,12 @@ class ReplicatedLog:
         self._status = RaftStatus()
         self._status_lock = threading.Lock()
         self._last_status = 0.0
-        self._sync = SyncObj(config.self_addr, list(config.peers), conf=conf,
-                             consumers=[self._consumer])
+        self._sync = _SyncObj(config.self_addr, list(config.peers), conf=conf,
+                              consumers=[self._consumer])
         sync = self._sync
         self._consumer._index_of = lambda: sync.raftLastApplied + 1
         sync._SyncObj__serializer._sb_applied = lambda: sync.raftLastApplied
         sync.addOnTickCallback(self._on_tick)
-        journal = sync._SyncObj__raftLog
-        if isinstance(journal, _DurableFileJournal):
-            # The leader appends proposed entries and sends them to the followers in
-            # _checkCommandsToApply (appendEntriesUseBatch=False); fsync after the send.
-            check = sync._checkCommandsToApply
-
-            def check_deferring() -> None:
-                with journal.deferring():
-                    check()
-
-            sync._checkCommandsToApply = check_deferring
 
     # --- commands ---------------------------------------------------------------
 

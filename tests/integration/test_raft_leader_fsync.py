@@ -90,3 +90,38 @@ def test_leader_fsyncs_after_sending_and_before_applying(tmp_path: Path) -> None
     finally:
         for lg in logs:
             lg.close()
+
+
+def test_compaction_succeeds_with_fsync_on(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                           ) -> None:
+    """Every member compacts its log (a full dump written, the log cut) with the
+    fsyncing journal in place: nothing unpicklable was added to the SyncObj."""
+    base = free_base_port(3)
+    addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
+    logs: list[ReplicatedLog] = []
+    try:
+        for k, addr in enumerate(addrs):
+            cfg = RaftConfig(self_addr=addr, peers=tuple(a for a in addrs if a != addr),
+                             data_dir=tmp_path / f"m{k}", password="test-secret", fsync=True,
+                             compaction_entries=50, compaction_seconds=1)
+            logs.append(ReplicatedLog(cfg, SessionTable(), lambda _i, _b: None))
+        deadline = time.monotonic() + 20
+        while not any(lg.status().role == "leader" for lg in logs):
+            assert time.monotonic() < deadline, "no leader"
+            time.sleep(0.05)
+        leader = next(lg for lg in logs if lg.status().role == "leader")
+        for seq in range(1, 201):
+            leader.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)
+            time.sleep(0.005)
+        deadline = time.monotonic() + 20
+        while True:
+            st = [lg.status() for lg in logs]
+            dumps = [(tmp_path / f"m{k}" / "raft.dump").exists() for k in range(3)]
+            if all(dumps) and all(s.last_applied >= 200 and s.log_len < 150 for s in st):
+                break
+            assert time.monotonic() < deadline, (dumps, st)
+            time.sleep(0.1)
+        assert "Failed to store full dump" not in caplog.text
+    finally:
+        for lg in logs:
+            lg.close()
