@@ -9,10 +9,10 @@
     spread over the nodes.
 (c) messages: senders and recipients in pairs, the recipient on the sender's node
     ("same node") or on the next node ("other node"); end-to-end latency from the
-    sender's send start to the recipient's receipt of the ``deliver`` frame, at a
-    target offered rates (500/s and 5,000/s; open loop: latency counted from the scheduled send time,
-    so a late load generator cannot hide queueing) and at the maximum (closed
-    loop, a window of sends in flight per sender). Recipients acknowledge in
+    sender's send start to the recipient's receipt of the ``deliver`` frame, at
+    offered rates of 500/s and 5,000/s (open loop: latency counted from the
+    scheduled send time, so a late load generator cannot hide queueing) and at
+    the maximum (closed loop, a window of sends in flight per sender). Recipients acknowledge in
     batches, as a real client would, so mailboxes stay small.
 
 Load comes from ``bench.loadgen`` (raw protocol), not the client library.
