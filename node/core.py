@@ -245,7 +245,8 @@ class Core:
 
     def _on_restored(self) -> None:
         # Still on the replication thread, which owns the table.
-        self._from_raft_thread("restored", self.table.local_sessions())
+        self._from_raft_thread("restored", (self.table.local_sessions(),
+                                            self.table.restore_view()))
 
     def _drain(self) -> None:
         with self._handoff_lock:
@@ -270,13 +271,22 @@ class Core:
                 elif kind == "failed":
                     self._handle_failed(*payload)
                 elif kind == "restored":
-                    self.restore_sink(payload)
+                    self._handle_restored(*payload)
                 elif kind == "call":
                     event, box, err = payload
                     box.append(err)
                     event.set()
             except Exception:  # a bug here must not take the Trio loop down
                 log.exception("handling a replication event failed", kind=kind)
+
+    def _handle_restored(self, local: list[tuple[str, int]], view: list[Effect]) -> None:
+        """A snapshot replaced the table: connections whose session is no longer
+        here go, then the others get what the skipped entries would have given
+        them (their mailboxes, their contacts' presence)."""
+        log.info("snapshot installed", local_sessions=len(local), effects=len(view))
+        self.restore_sink(local)
+        if view:
+            self.effect_sink(view)
 
     def _handle_applied(self, index: int, batch: AppliedBatch) -> None:
         self.stats.applied_index = index

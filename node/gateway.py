@@ -284,7 +284,8 @@ class Gateway:
                            "body": m.body, "ts": m.ts})
             for sid in e.sessions:
                 c = sessions.get(sid)
-                if c is not None:
+                if c is not None and m.seq > c.delivered_seq:
+                    c.delivered_seq = m.seq
                     c.push(data)
                     self.stats.messages_delivered += 1
         elif type(e) is PresenceNotice:
@@ -367,8 +368,8 @@ class ClientConnection:
     __slots__ = (
         "_aborted", "_capacity", "_detach", "_direct", "_flushed", "_inflight",
         "_login_wait", "_out", "_refilled", "_tokens", "_wake", "_writing", "closing",
-        "decoder", "epoch", "gw", "ip", "last_rx", "out_bytes", "phase", "port", "session",
-        "sock", "stream", "user",
+        "decoder", "delivered_seq", "epoch", "gw", "ip", "last_rx", "out_bytes", "phase",
+        "port", "session", "sock", "stream", "user",
     )
 
     def __init__(self, gateway: Gateway, sock: socket.socket, addr: Any):
@@ -384,6 +385,10 @@ class ClientConnection:
         self.decoder = FrameDecoder(CLIENT_FRAMES, gateway.config.max_frame)
         self.session: str | None = None
         self.epoch = 0
+        # The highest message sequence number pushed on this connection: a session's
+        # messages reach one connection in increasing order, so a lower or equal
+        # one is a copy (a mailbox re-sent after a snapshot install) and is skipped.
+        self.delivered_seq = 0
         self.user: str | None = None
         self.phase = WAITING_LOGIN
         self.last_rx = time.monotonic()  # accepted, then the last bytes received

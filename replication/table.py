@@ -387,6 +387,17 @@ class SessionTable:
                 out.append((sid, s.epoch))
         return out
 
+    def restore_view(self) -> list[Effect]:
+        """After a snapshot replaced the table: what this node's attached sessions
+        must be shown, i.e. every message in their mailboxes and their contacts'
+        presence. A node that installs a snapshot never applied the entries it
+        covers, so it never produced their deliveries or presence events; the
+        shell skips the messages a connection already has (by sequence number)."""
+        effects: list[Effect] = []
+        for sid, _epoch in sorted(self.local_sessions()):
+            self._session_view(self.sessions[sid], 0, effects)
+        return effects
+
     # --- helpers ----------------------------------------------------------------
 
     def _recount(self) -> None:

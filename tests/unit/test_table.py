@@ -1101,3 +1101,32 @@ def test_snapshot_restore_gives_the_same_state_and_behaviour(seed: int) -> None:
         assert ro == rr, (step, cmd)
         assert normalized(eo) == normalized(er), (step, cmd)
         assert original.digest() == restored.digest(), (step, cmd)
+
+
+def test_restore_view_shows_local_sessions_their_mailboxes_and_contacts() -> None:
+    """After a snapshot install, the node's attached sessions are shown every
+    message in their mailboxes and their visible contacts' presence: the
+    entries the snapshot covered were never applied there, so their
+    deliveries were never produced."""
+    leader = SessionTable(local=("n2", 1))
+    login(leader, "b1", "bob", node="n1")  # bob's session lives on n1
+    login(leader, "z1", "zoe", node="n2")
+    login(leader, "o1", "olga", node="n1", inc=7)  # an older incarnation of n1
+    assert on(leader, Allow, "z1", "bob")[0].ok
+    assert on(leader, Subscribe, "b1", "zoe")[0].ok
+    presence(leader, "z1", "busy", "in a call")
+    send(leader, "z1", 1, "bob", "m1")
+    send(leader, "z1", 2, "bob", "m2")
+    send(leader, "z1", 3, "olga", "not for this incarnation")
+    on(leader, Detach, "b1")  # detached sessions get nothing either...
+    replica = SessionTable(local=("n1", 1))
+    replica.restore(leader.snapshot())
+    assert replica.restore_view() == []
+    login(leader, "b2", "bob", node="n1")  # ...but bob's new attached session does
+    replica.restore(leader.snapshot())
+    view = replica.restore_view()
+    assert [(d.sessions, d.message.seq, d.message.body) for d in delivers(view)] == [
+        (["b2"], 1, "m1"), (["b2"], 2, "m2")]
+    assert [(n.sessions, n.user, n.status, n.text) for n in notices(view)] == [
+        (["b2"], "zoe", "busy", "in a call")]
+    assert replica.digest() == leader.digest()  # a read: the state is unchanged
