@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.core import tune_collector
+from node import collector
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Ack, Allow, Command, Login, Send, SetPresence, Subscribe
 
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     inc = secrets.randbits(62) | 1
     # The node process's collector settings, in every mode: the baselines get them too.
-    tune_collector()
+    collector.tune(collector.CORE_THRESHOLDS)
     server: Server = (FsmServer(args, args.id, inc) if args.mode == "fsm"
                       else RawServer(args, args.id, inc))
     if args.prebuilt and args.mode != "raw":

@@ -212,10 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     import trio
 
-    from node import logs
+    from node import collector, logs
     from node.auth import SecretError, read_secret
     from node.config import ConfigError, NodeConfig, parse_addr
-    from node.core import tune_collector
     from node.server import run_node
     from node.workers import WorkerError
 
@@ -272,7 +271,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(info) + "\n")
         sys.stdout.flush()
 
-    tune_collector()
+    collector.tune(collector.CORE_THRESHOLDS)
     try:
         trio.run(run_node, config, announce)
     except BaseException as exc:

@@ -18,7 +18,6 @@ seconds cannot reach a majority and must stop serving).
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
 import secrets
@@ -37,6 +36,7 @@ from replication.commands import Command, Configure, Heartbeat, NodeDown, NodeUp
 from replication.raft import RaftConfig, RaftStatus, ReplicatedLog
 from replication.table import Effect, Result, SessionTable, UserLimits, error
 
+from . import collector
 from .clock import wall
 from .config import NodeConfig
 from .limits import FailedLogins
@@ -47,20 +47,8 @@ UNAVAILABLE = error("unavailable", "not committed in time; the outcome is unknow
 SHUTDOWN = error("shutdown", "the node is shutting down")
 RETRY_LOST_AFTER = 1.5  # re-propose a batch nobody answered for this long
 WATCHDOG_PERIOD = 0.02
-GC_THRESHOLDS = (20_000, 50, 100)
-FREEZE_GROWTH = 20_000  # gc.freeze() once the table gained this many sessions since the last
+FREEZE_GROWTH = 20_000  # freeze once the table gained this many sessions since the last
 COLLECTOR_PERIOD = 1.0
-
-
-def tune_collector() -> None:
-    """Set the node process's garbage collector (once, before the core starts).
-
-    Every replica allocates several objects per applied command; with Python's
-    default young-generation threshold (700) collections took about a sixth of
-    the apply time, and none with these. The table's long-lived objects are
-    moved out of the collector's reach by ``Core``'s collector task.
-    """
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @dataclass(slots=True)
@@ -468,14 +456,8 @@ class Core:
             self._update_fence(now)
 
     async def _collector(self) -> None:
-        """``gc.freeze()`` after the table grew by ``FREEZE_GROWTH`` sessions.
-
-        A full collection walks every tracked object: with 200,000 sessions in
-        the table it would hold the GIL, and so the Raft thread, for longer than
-        an election timeout. Frozen objects are never walked again; the table's
-        objects form no reference cycles, so they are still freed by reference
-        counting when they go.
-        """
+        """Freeze the heap after the table grew by ``FREEZE_GROWTH`` sessions (see
+        ``node.collector``)."""
         frozen_at = 0
         while True:
             await trio.sleep(COLLECTOR_PERIOD)
@@ -483,8 +465,7 @@ class Core:
             frozen_at = min(frozen_at, held)
             if held - frozen_at >= FREEZE_GROWTH:
                 frozen_at = held
-                gc.collect(1)
-                gc.freeze()
+                collector.freeze_long_lived()
 
     async def _heartbeats(self) -> None:
         beat = 0

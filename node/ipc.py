@@ -209,7 +209,7 @@ class Channel:
 def poll_all(channels: list[Channel]) -> None:
     """``poll()`` each of ``channels`` that has data waiting: one ``select`` call
     finds them, instead of a failing ``recv`` on every idle channel."""
-    live = [c for c in channels if not c.closed and c._handle is not None and not c._handling]
+    live = [c for c in channels if not c.closed]  # poll() checks the rest itself
     if not live:
         return
     try:

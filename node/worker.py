@@ -15,12 +15,10 @@ elsewhere. If the core stops talking (a paused or wedged core process) for
 longer than the fencing delay, the worker fences itself: it closes its
 connections (``bye fenced``) and refuses logins until the core speaks again.
 
-Garbage collection: young collections every 20,000 allocations instead of 700,
-and ``gc.freeze()`` once the worker listens and again after every 2,000
-accepted connections, so that full collections do not walk the long-lived
-connection objects (a full collection at 15,000 connections took 0.19 s before
-freezing, nothing after). Closed connections leave no reference cycles, so they
-are freed by reference counting whether frozen or not.
+Garbage collection (``node.collector``): young collections every 20,000
+allocations instead of 700, and the heap frozen once the worker listens and
+again after every 2,000 accepted connections, so that full collections do not
+walk the long-lived connection objects.
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ from replication.table import (
     error,
 )
 
-from . import logs
+from . import collector, logs
 from .auth import Keys, read_secret
 from .config import NodeConfig
 from .gateway import Gateway
@@ -68,8 +66,7 @@ STATS_PERIOD = 0.5
 WORKER_NICE = 5  # below the core's scheduling priority (see main)
 SILENCE_MARGIN = 1.0  # fence after fence_after + this without a word from the core
 LOGIN_SILENCE = 1.0  # refuse logins after this long without a word from the core
-GC_GEN0 = 20_000  # young collections every 20,000 allocations instead of 700
-FREEZE_AFTER = 2_000  # gc.freeze() once this many connections were accepted since the last
+FREEZE_AFTER = 2_000  # freeze once this many connections were accepted since the last
 
 
 class CoreClient:
@@ -333,16 +330,9 @@ async def _housekeeping(client: CoreClient, gateway: Gateway) -> None:
         await trio.sleep(STATS_PERIOD)
         client.check_silence()
         client.channel.send({"t": "stats", "s": dataclasses.asdict(gateway.statistics())})
-        if gateway.accepted_burst >= FREEZE_AFTER:
-            # Many new long-lived objects (connections): move them out of the
-            # collector's generations, so that full collections do not walk them
-            # again (at 15,000 connections a full collection took 0.19 s, 0 after).
-            # A closed connection is freed by reference counting (it leaves no
-            # cycles), frozen or not; collect the young generations first so that
-            # little cyclic garbage gets frozen with them.
+        if gateway.accepted_burst >= FREEZE_AFTER:  # many new long-lived connections
             gateway.accepted_burst = 0
-            gc.collect(1)
-            gc.freeze()
+            collector.freeze_long_lived()
 
 
 def _set_pdeathsig() -> None:
@@ -372,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     # CPU against its own K workers, or it falls silent, its workers fence and the
     # cluster declares the node dead. Workers then slow down instead.
     os.nice(WORKER_NICE)
-    gc.set_threshold(GC_GEN0, 20, 20)
+    collector.tune(collector.WORKER_THRESHOLDS)
     logging.getLogger().setLevel(logging.INFO)
     return trio.run(run_worker, args.index, args.ipc_fd, args.counts_fd, args.slots)
 

@@ -427,6 +427,7 @@ class SessionTable:
             return []
         node, inc = self.local
         sessions = self.sessions
+        # _owned_here, inlined: every replica runs this for each watcher of a change.
         return [sid for sid in u.sessions
                 if (s := sessions[sid]).node == node and s.inc == inc]
 

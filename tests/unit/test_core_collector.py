@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import trio
 
+from node import collector as node_collector
 from node.config import NodeConfig
-from node.core import COLLECTOR_PERIOD, FREEZE_GROWTH, GC_THRESHOLDS, Core, tune_collector
+from node.core import COLLECTOR_PERIOD, FREEZE_GROWTH, Core
 
 
 @pytest.fixture
@@ -30,9 +31,9 @@ def _core(tmp_path: Path) -> Core:
     return Core(cfg, None)
 
 
-def test_tune_collector_sets_the_thresholds(collector: None) -> None:
-    tune_collector()
-    assert gc.get_threshold() == GC_THRESHOLDS
+def test_tune_sets_the_thresholds(collector: None) -> None:
+    node_collector.tune(node_collector.CORE_THRESHOLDS)
+    assert gc.get_threshold() == node_collector.CORE_THRESHOLDS
 
 
 async def test_freezes_once_the_table_grew(tmp_path: Path, collector: None,
