@@ -79,9 +79,9 @@ class Holders:
             nursery.start_soon(self.keepalive)
             timeout = float(req.get("timeout", 60))
             ok = await login_all(nursery, self.conns, self.concurrency, timeout=timeout)
-            first_failed = len(self.conns) - len(ok)
             done = {id(c) for c in ok}
             failed = [c for c in self.conns if id(c) not in done]
+            first_failed = len(failed)
             retried = 0
             for _ in range(self.retries):  # a real client logs in again after a refusal
                 if not failed:

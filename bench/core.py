@@ -141,13 +141,14 @@ class MsgState:
     committed_ids: dict[int, set[int]] = field(default_factory=dict)  # recipient -> ids
 
 
-async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, mode: str,
-                         prog: Any, rate: float = 0.0) -> dict[str, Any]:
+async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: float | None,
+                         prog: Any) -> dict[str, Any]:
+    """Messages at an offered ``rate`` per second, or at the maximum (``None``)."""
     addrs = bc.addresses()
     n_nodes = len(addrs)
     pairs = plan.pairs_per_node * n_nodes
     counters = Counters()
-    tag = f"m{placement[0]}{mode[0]}{int(rate) if mode == 'rate' else ''}"
+    tag = f"m{placement[0]}{'m' if rate is None else f'r{int(rate)}'}"
     senders: list[RawConn] = []
     recipients: list[RawConn] = []
     for i in range(pairs):
@@ -193,7 +194,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, mode: str
                 st.committed_ids.setdefault(c.index, set()).add(int(mid))
             if in_window(t_sent):
                 st.commit.append(now - t_sent)
-        if mode == "max" and st.sending:
+        if rate is None and st.sending:
             send_one(c, time.perf_counter())
 
     for r in recipients:
@@ -210,8 +211,8 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, mode: str
                     r.post({"type": "ack", "seqs": pend[:]})
                     pend.clear()
 
-    async def pacer(ok_senders: list[RawConn], deadline: float) -> None:
-        interval = 1.0 / rate
+    async def pacer(ok_senders: list[RawConn], deadline: float, per_s: float) -> None:
+        interval = 1.0 / per_s
         k = 0
         nxt = time.perf_counter()
         while st.sending and time.perf_counter() < deadline:
@@ -226,7 +227,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, mode: str
                     send_one(s, nxt)
                 nxt += interval
 
-    label = f"messages, {placement} node, {mode}{f' {rate:g}/s' if mode == 'rate' else ''}"
+    label = f"messages, {placement} node, {'max' if rate is None else f'rate {rate:g}/s'}"
     async with trio.open_nursery() as nursery:
         ok_r = await login_all(nursery, recipients, concurrency=64)
         ok_s = await login_all(nursery, senders, concurrency=64)
@@ -243,8 +244,8 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, mode: str
         st.measuring_from = start + plan.warmup
         st.measuring_to = start + plan.message_seconds
         if ok_s:
-            if mode == "rate":
-                nursery.start_soon(pacer, ok_s, st.measuring_to)
+            if rate is not None:
+                nursery.start_soon(pacer, ok_s, st.measuring_to, rate)
             else:
                 for s in ok_s:
                     for _ in range(plan.window):
@@ -271,9 +272,10 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, mode: str
     stranded = sum(len(ids - st.seen) for i, ids in st.committed_ids.items()
                    if recipients[i].dropped)
     return {
-        "placement": placement, "mode": mode, "pairs": pairs, "pairs_active": len(ok_s),
-        "offered_per_s": rate if mode == "rate" else None,
-        "window": plan.window if mode == "max" else None,
+        "placement": placement, "mode": "max" if rate is None else "rate", "pairs": pairs,
+        "pairs_active": len(ok_s),
+        "offered_per_s": rate,
+        "window": plan.window if rate is None else None,
         "window_s": window,
         "delivered_per_s": st.delivered_in_window / window,
         "sent": st.sent, "committed": st.committed, "delivered": st.delivered,
@@ -301,9 +303,8 @@ async def _run(opts: Options, bc: BenchCluster, plan: Plan) -> dict[str, Any]:
         ]
         msgs = []
         for placement in ("same", "other"):
-            for rate in plan.target_rates:
-                msgs.append(await bench_messages(bc, plan, placement, "rate", prog, rate))
-            msgs.append(await bench_messages(bc, plan, placement, "max", prog))
+            for rate in (*plan.target_rates, None):
+                msgs.append(await bench_messages(bc, plan, placement, rate, prog))
         result["messages"] = msgs
     return result
 

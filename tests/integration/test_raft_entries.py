@@ -13,14 +13,14 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 
-from cluster.ports import free_base_port
 from replication.batch import AppliedBatch
-from replication.raft import RaftConfig, ReplicatedLog
-from replication.table import SessionTable
+
+from .raftgroup import leader_of, raft_group
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,29 +28,17 @@ CHUNK = 2**16  # pysyncobj's default appendEntriesBatchSizeBytes
 
 
 def test_entries_across_pysyncobj_chunk_boundaries_commit_everywhere(tmp_path: Path) -> None:
-    base = free_base_port(3)
-    addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
-    applied: list[set[int]] = [set() for _ in addrs]
+    applied: list[set[int]] = [set() for _ in range(3)]
     lock = threading.Lock()
-    logs: list[ReplicatedLog] = []
 
-    def on_applied(member: int) -> object:
+    def on_applied(member: int) -> Any:
         def record(_index: int, batch: AppliedBatch) -> None:
             with lock:
                 applied[member].add(batch.seq)
         return record
 
-    try:
-        for k, addr in enumerate(addrs):
-            cfg = RaftConfig(self_addr=addr, peers=tuple(a for a in addrs if a != addr),
-                             data_dir=tmp_path / f"m{k}", password="test-secret",
-                             fsync=False)
-            logs.append(ReplicatedLog(cfg, SessionTable(), on_applied(k)))  # type: ignore[arg-type]
-        deadline = time.monotonic() + 20
-        while not any(lg.status().role == "leader" for lg in logs):
-            assert time.monotonic() < deadline, "no leader"
-            time.sleep(0.05)
-        leader = next(lg for lg in logs if lg.status().role == "leader")
+    with raft_group(tmp_path, on_applied, fsync=False) as logs:
+        leader = logs[leader_of(logs)]
         failures: list[str] = []
         # Raw blobs: the appliers reject them as malformed batches, but they are
         # replicated, committed and applied (as rejected) like any other entry.
@@ -73,6 +61,3 @@ def test_entries_across_pysyncobj_chunk_boundaries_commit_everywhere(tmp_path: P
                 time.sleep(0.05)
         assert not failures
         assert leader._sync._getConf().appendEntriesBatchSizeBytes > max(sizes) + 1024
-    finally:
-        for lg in logs:
-            lg.close()

@@ -17,11 +17,10 @@ from typing import Any
 import pysyncobj.journal as pjournal
 import pytest
 
-from cluster.ports import free_base_port
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Noop
-from replication.raft import RaftConfig, ReplicatedLog
-from replication.table import SessionTable
+
+from .raftgroup import leader_of, raft_group
 
 pytestmark = [pytest.mark.integration]
 
@@ -31,11 +30,8 @@ def _last_index(journal: Any) -> int:
 
 
 def test_leader_fsyncs_after_sending_and_before_applying(tmp_path: Path) -> None:
-    base = free_base_port(3)
-    addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
     events: list[tuple[str, int]] = []
     lock = threading.Lock()
-    logs: list[ReplicatedLog] = []
     is_leader = [False] * 3
 
     def on_applied(member: int) -> Any:
@@ -45,16 +41,8 @@ def test_leader_fsyncs_after_sending_and_before_applying(tmp_path: Path) -> None
                     events.append(("applied", index))
         return record
 
-    try:
-        for k, addr in enumerate(addrs):
-            cfg = RaftConfig(self_addr=addr, peers=tuple(a for a in addrs if a != addr),
-                             data_dir=tmp_path / f"m{k}", password="test-secret", fsync=True)
-            logs.append(ReplicatedLog(cfg, SessionTable(), on_applied(k)))
-        deadline = time.monotonic() + 20
-        while not any(lg.status().role == "leader" for lg in logs):
-            assert time.monotonic() < deadline, "no leader"
-            time.sleep(0.05)
-        k = next(i for i, lg in enumerate(logs) if lg.status().role == "leader")
+    with raft_group(tmp_path, on_applied, fsync=True) as logs:
+        k = leader_of(logs)
         sync = logs[k]._sync
         journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
         fsync, send = journal._sync, sync._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
@@ -87,29 +75,15 @@ def test_leader_fsyncs_after_sending_and_before_applying(tmp_path: Path) -> None
             first_send = next(i for i, e in enumerate(seen) if e[0] == "send" and e[1] >= index)
             applied_at = seen.index(("applied", index))
             assert first_send < first_fsync < applied_at, (index, seen)
-    finally:
-        for lg in logs:
-            lg.close()
 
 
 def test_compaction_succeeds_with_fsync_on(tmp_path: Path, caplog: pytest.LogCaptureFixture
                                            ) -> None:
     """Every member compacts its log (a full dump written, the log cut) with the
     fsyncing journal in place: nothing unpicklable was added to the SyncObj."""
-    base = free_base_port(3)
-    addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
-    logs: list[ReplicatedLog] = []
-    try:
-        for k, addr in enumerate(addrs):
-            cfg = RaftConfig(self_addr=addr, peers=tuple(a for a in addrs if a != addr),
-                             data_dir=tmp_path / f"m{k}", password="test-secret", fsync=True,
-                             compaction_entries=50, compaction_seconds=1)
-            logs.append(ReplicatedLog(cfg, SessionTable(), lambda _i, _b: None))
-        deadline = time.monotonic() + 20
-        while not any(lg.status().role == "leader" for lg in logs):
-            assert time.monotonic() < deadline, "no leader"
-            time.sleep(0.05)
-        leader = next(lg for lg in logs if lg.status().role == "leader")
+    with raft_group(tmp_path, fsync=True, compaction_entries=50,
+                    compaction_seconds=1) as logs:
+        leader = logs[leader_of(logs)]
         for seq in range(1, 201):
             leader.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)
             time.sleep(0.005)
@@ -122,6 +96,3 @@ def test_compaction_succeeds_with_fsync_on(tmp_path: Path, caplog: pytest.LogCap
             assert time.monotonic() < deadline, (dumps, st)
             time.sleep(0.1)
         assert "Failed to store full dump" not in caplog.text
-    finally:
-        for lg in logs:
-            lg.close()

@@ -1,0 +1,49 @@
+"""Three real ``ReplicatedLog`` members in this process, on loopback: for the
+tests of the Raft layer alone, without nodes around it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cluster.ports import free_base_port
+from replication.batch import AppliedBatch
+from replication.raft import RaftConfig, ReplicatedLog
+from replication.table import SessionTable
+
+OnApplied = Callable[[int, AppliedBatch], None]
+
+
+@contextmanager
+def raft_group(tmp_path: Path, on_applied: Callable[[int], OnApplied] | None = None,
+               **config: Any) -> Iterator[list[ReplicatedLog]]:
+    """Start three members (``on_applied(k)`` gives member k's callback; ``config``
+    goes to every ``RaftConfig``), wait for a leader, close them all at the end."""
+    base = free_base_port(3)
+    addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
+    logs: list[ReplicatedLog] = []
+    try:
+        for k, addr in enumerate(addrs):
+            cfg = RaftConfig(self_addr=addr, peers=tuple(a for a in addrs if a != addr),
+                             data_dir=tmp_path / f"m{k}", password="test-secret", **config)
+            callback = on_applied(k) if on_applied else (lambda _i, _b: None)
+            logs.append(ReplicatedLog(cfg, SessionTable(), callback))
+        leader_of(logs)
+        yield logs
+    finally:
+        for lg in logs:
+            lg.close()
+
+
+def leader_of(logs: list[ReplicatedLog], timeout: float = 20.0) -> int:
+    """The index of the member that is leader (waits for one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for k, lg in enumerate(logs):
+            if lg.status().role == "leader":
+                return k
+        assert time.monotonic() < deadline, "no leader"
+        time.sleep(0.05)
