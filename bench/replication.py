@@ -10,7 +10,7 @@ fresh temporary directory, one after the other, alternating):
   do-nothing ``@replicated apply_batch(blob)`` (password, journal + dump, the
   same timers; pysyncobj's own journal, never fsynced);
 - full runs only, to split the difference: ``raw-fsync`` (the baseline with the
-  node's fsyncing journal) and ``fsm-nofsync``.
+  node's fsyncing journal and its peer framing, `PeerCipher`) and ``fsm-nofsync``.
 
 Every configuration gets the same proposer and the same commands
 (``repl_node.Workload``): N sessions are logged in through the log (plus 4
@@ -53,7 +53,7 @@ LABELS = {
                     "commit; pysyncobj journal, no fsync)",
     "raw": "raw pysyncobj, no-op apply, same proposer as fsm (pysyncobj journal, no fsync)",
     "fsm": "ReplicatedLog + SessionTable, fsync on",
-    "raw-fsync": "raw pysyncobj, no-op apply, node's fsyncing journal",
+    "raw-fsync": "raw pysyncobj, no-op apply, node's fsyncing journal and peer framing",
     "fsm-nofsync": "ReplicatedLog + SessionTable, fsync off",
 }
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -138,7 +137,7 @@ async def test_rogue_peers_cannot_join_inject_or_read(make_cluster: Callable[...
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (os.system, (f"touch {marker}",))
 
-    payload = zlib.compress(pickle.dumps(Evil()))
+    payload = pickle.dumps(Evil())
     host, port = c.spec(leader).raft.rsplit(":", 1)  # type: ignore[arg-type]
 
     def attack() -> tuple[bytes, bool]:
@@ -393,7 +392,7 @@ async def test_the_rogue_pickle_would_run_without_a_secret(tmp_path: Path) -> No
             def __reduce__(self) -> tuple[object, tuple[str]]:
                 return (os.system, (f"touch {marker}",))
 
-        payload = zlib.compress(pickle.dumps(Evil()))
+        payload = pickle.dumps(Evil())  # the peer framing without a secret: a bare pickle
         host, port = c.spec("n1").raft.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(struct.pack("i", len(payload)) + payload)
