@@ -308,10 +308,10 @@ class PeerCipher:
     """Authenticated encryption of Raft peer traffic, in place of pysyncobj's Fernet.
 
     pysyncobj compresses every frame with zlib and then Fernet-encrypts it
-    (AES-CBC, HMAC, base64), per follower: for a full batch entry (~100 KB) that
-    cost the leader ~5 ms of CPU per entry, and each follower ~1 ms to undo it.
-    Here a frame is pickled and sealed with AES-256-GCM, nothing else (about
-    30 µs for the same entry).
+    (AES-CBC, HMAC, base64), once per follower, and the receiver base64-decodes
+    it twice: for a 1,000-command entry that took 836 µs to send and 437 µs to
+    read back (``bench.replication.frame_costs``). Here a frame is pickled and
+    sealed with AES-256-GCM, nothing else: 37 and 67 µs.
 
     Keys and nonces: a cluster key comes from the password (PBKDF2, as
     pysyncobj). pysyncobj opens every link by having each side send a fresh
