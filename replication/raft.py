@@ -9,6 +9,9 @@
   (on the tick thread, or in the caller's thread for a full queue). These
   callbacks must only hand work over to another thread, never block.
 - ``status()`` returns a copy refreshed on the tick thread, safe to read anywhere.
+- Membership changes may be requested from any thread (pysyncobj queues them);
+  ``transfer_leadership`` is carried out on the tick thread, the only thread
+  that writes to peer links.
 
 Designed around the pysyncobj 0.3.17 facts in ../shared/notes/pysyncobj.md:
 replicated methods never raise (``BatchApplier``), nothing unpicklable lives on
@@ -31,6 +34,7 @@ import signal
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,9 +289,9 @@ PEER_SOCKET_BUFFER = 1 << 20
 """SO_SNDBUF/SO_RCVBUF and the read size of a peer link (pysyncobj: 64 KiB, which
 splits a full batch entry into many reads, each copying the whole buffer so far)."""
 
-_KDF_SALT = b"switchboard raft peer v1"
-_OPENING = 0  # frame kinds: the first frame on a link, under the cluster key, random nonce
-_SEALED = 1  # every later frame, under the link direction's key, counter nonce
+_KDF_SALT = b"switchboard raft peer v2"
+_OPENING = 0  # a side's first frame on a link: the cluster key, a random nonce
+_SEALED = 1  # every later frame: the link direction's key, a counter nonce
 _OPENING_BYTE = bytes([_OPENING])
 _SEALED_BYTE = bytes([_SEALED])
 _NONCE_PAD = bytes(4)
@@ -299,8 +303,10 @@ out of order, or not a message."""
 
 @dataclass(slots=True)
 class _LinkKey:
-    rand_key: bytes  # pysyncobj's per-link random key this direction's key comes from
-    aead: AESGCM
+    """One direction of one link: its key (once both random keys are known) and
+    the next frame counter."""
+
+    aead: AESGCM | None = None
     counter: int = 0
 
 
@@ -315,13 +321,18 @@ class PeerCipher:
 
     Keys and nonces: a cluster key comes from the password (PBKDF2, as
     pysyncobj). pysyncobj opens every link by having each side send a fresh
-    32-byte random key, which the other side then puts in every message; here
-    each direction of a link is sealed under its own key, derived (HKDF) from
-    the cluster key and the random key of the side that receives it, with the
-    frame counter as the nonce. The receiver expects exactly the next counter:
-    a frame replayed, dropped, reordered or from another link fails to open,
-    and the link is closed. Only a link's very first frame (the connecting
-    side's random key) is sealed under the cluster key, with a random nonce.
+    32-byte random key (the connecting side first, then the accepting side),
+    which the other side then puts in every message. Each side's first frame
+    on a link, the one carrying its random key, is sealed under the cluster key
+    with a random nonce, and a side accepts such a frame only as the first it
+    receives. Every later frame is sealed under a key of its own direction,
+    derived (HKDF) from the cluster key and *both* random keys (sender's peer
+    key then its own, so the two directions differ), with the frame counter as
+    the nonce; the receiver expects exactly the next counter. A frame replayed,
+    dropped, reordered, reflected or taken from another link does not open, and
+    a replayed opening frame only starts a new link with new keys, so no key
+    ever seals two frames under one nonce. Link state is dropped whenever
+    pysyncobj connects or disconnects the connection object.
     """
 
     def __init__(self, password: str | bytes):
@@ -331,19 +342,22 @@ class PeerCipher:
         self._cluster_key = kdf.derive(secret)
         self._opening = AESGCM(self._cluster_key)
 
-    def _link_key(self, rand_key: bytes) -> _LinkKey:
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=rand_key,
+    def _direction_key(self, first: bytes, second: bytes) -> AESGCM:
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=first + second,
                    info=_KDF_SALT).derive(self._cluster_key)
-        return _LinkKey(rand_key, AESGCM(key))
+        return AESGCM(key)
 
     def seal(self, conn: Any, data: bytes) -> bytes:
-        rand_key = conn.sendRandKey
-        if not rand_key:
+        link: _LinkKey | None = getattr(conn, "_sb_tx", None)
+        if link is None:
+            conn._sb_tx = _LinkKey()
             nonce = os.urandom(12)
             return _OPENING_BYTE + nonce + self._opening.encrypt(nonce, data, _OPENING_BYTE)
-        link = getattr(conn, "_sb_tx", None)
-        if link is None or link.rand_key != rand_key:
-            link = conn._sb_tx = self._link_key(rand_key)
+        if link.aead is None:
+            peer, own = conn.sendRandKey, conn.recvRandKey
+            if not peer or not own:
+                raise ValueError("a second frame on a Raft link before its keys are known")
+            link.aead = self._direction_key(peer, own)
         n = link.counter
         link.counter = n + 1
         return _SEALED_BYTE + link.aead.encrypt(_NONCE_PAD + n.to_bytes(8, "big"), data,
@@ -351,15 +365,21 @@ class PeerCipher:
 
     def open(self, conn: Any, frame: bytes) -> bytes:
         """The plaintext of ``frame``; raises ``InvalidTag`` or ``ValueError``."""
-        rand_key = conn.recvRandKey
         kind = frame[0] if frame else -1
-        if kind == _OPENING and not rand_key:
-            return self._opening.decrypt(frame[1:13], frame[13:], _OPENING_BYTE)
-        if kind != _SEALED or not rand_key:
+        link: _LinkKey | None = getattr(conn, "_sb_rx", None)
+        if link is None:
+            if kind != _OPENING:
+                raise ValueError(f"a link's first peer frame of kind {kind}")
+            plain = self._opening.decrypt(frame[1:13], frame[13:], _OPENING_BYTE)
+            conn._sb_rx = _LinkKey()
+            return plain
+        if kind != _SEALED:
             raise ValueError(f"unexpected peer frame kind {kind}")
-        link = getattr(conn, "_sb_rx", None)
-        if link is None or link.rand_key != rand_key:
-            link = conn._sb_rx = self._link_key(rand_key)
+        if link.aead is None:
+            own, peer = conn.recvRandKey, conn.sendRandKey
+            if not peer or not own:
+                raise ValueError("a second frame on a Raft link before its keys are known")
+            link.aead = self._direction_key(own, peer)
         plain = link.aead.decrypt(_NONCE_PAD + link.counter.to_bytes(8, "big"), frame[1:],
                                   _SEALED_BYTE)
         link.counter += 1
@@ -413,8 +433,24 @@ def _peer_cipher(password: str | bytes) -> PeerCipher:
     return PeerCipher(password)
 
 
+_orig_connect = _ptcp.TcpConnection.connect
+_orig_disconnect = _ptcp.TcpConnection.disconnect
+
+
+def _peer_connect(self: Any, host: Any, port: Any) -> Any:
+    self._sb_tx = self._sb_rx = None  # a new link: new keys, counters from 0
+    return _orig_connect(self, host, port)
+
+
+def _peer_disconnect(self: Any) -> Any:
+    self._sb_tx = self._sb_rx = None
+    return _orig_disconnect(self)
+
+
 _ptcp.TcpConnection.send = _peer_send
 _ptcp.TcpConnection._TcpConnection__processParseMessage = _peer_parse
+_ptcp.TcpConnection.connect = _peer_connect
+_ptcp.TcpConnection.disconnect = _peer_disconnect
 _psyncobj.getEncryptor = _peer_cipher  # SyncObj builds its encryptor with it
 
 
@@ -610,8 +646,9 @@ _LEADER = _psyncobj._RAFT_STATE.LEADER
 _apply_log_entries = _psyncobj.SyncObj._SyncObj__applyLogEntries
 _REGULAR = _psyncobj._COMMAND_TYPE.REGULAR
 MERGED_ENTRY_BYTES = 1024 * 1024
-"""A leader stops merging batches into one entry beyond this size (an entry must
-stay under ``APPEND_ENTRIES_BYTES``: a batch is at most 512 KiB plus a command)."""
+"""A leader merges batches into one entry only while the entry stays within this
+size (entries must stay under ``APPEND_ENTRIES_BYTES``; a batch alone is at most
+512 KiB of CBOR plus a command, which pysyncobj's pickle can double)."""
 
 
 class _SyncObj(SyncObj):
@@ -672,15 +709,19 @@ class _SyncObj(SyncObj):
         size = 0
         with queue._FastQueue__lock:
             pending = queue._FastQueue__queue
-            while pending and size < MERGED_ENTRY_BYTES:
+            while pending:
                 command, callback = pending[0]
-                if command[0] != _REGULAR:
+                if command[0] != _REGULAR or (blobs and size + len(command) > MERGED_ENTRY_BYTES):
                     break
-                call = _ptcp.pickle.loads(command[1:])
-                if not (isinstance(call, tuple) and len(call) == 2 and call[0] == single_id):
+                try:
+                    call = _ptcp.pickle.loads(command[1:])
+                    blob = call[1][0] if call[0] == single_id and len(call) == 2 else None
+                except Exception:  # not ours to merge: pysyncobj's own path takes it
+                    blob = None
+                if not isinstance(blob, bytes):
                     break
                 pending.popleft()
-                blobs.append(call[1][0])
+                blobs.append(blob)
                 waiters.append(callback)
                 first = first or command
                 size += len(command)
@@ -696,9 +737,20 @@ class _SyncObj(SyncObj):
             _SyncObj.merged_batches += len(blobs)
         idx = self._SyncObj__getCurrentLogIndex() + 1
         term = self._SyncObj__raftCurrentTerm
-        self._SyncObj__raftLog.add(entry, idx, term)
-        waiting = self._SyncObj__commandsWaitingCommit
         transport = self._SyncObj__transport
+        try:
+            self._SyncObj__raftLog.add(entry, idx, term)
+        except Exception:
+            # Not appended (a full disk, say): every proposer learns it, none waits.
+            for callback in waiters:
+                if isinstance(callback, tuple):
+                    transport.send(callback[0], {"type": "apply_command_response",
+                                                 "request_id": callback[1],
+                                                 "error": FAIL_REASON.DISCARDED})
+                elif callback is not None:
+                    callback(None, FAIL_REASON.DISCARDED)
+            raise
+        waiting = self._SyncObj__commandsWaitingCommit
         for callback in waiters:
             if isinstance(callback, tuple):  # forwarded by a follower: tell it where
                 node, request_id = callback
@@ -759,6 +811,7 @@ class ReplicatedLog:
         self._status = RaftStatus()
         self._status_lock = threading.Lock()
         self._last_status = 0.0
+        self._tick_calls: deque[Callable[[], None]] = deque()  # run by _on_tick
         self._sync = _SyncObj(config.self_addr, list(config.peers), conf=conf,
                               consumers=[self._consumer])
         sync = self._sync
@@ -799,7 +852,10 @@ class ReplicatedLog:
 
     def transfer_leadership(self, addr: str | None,
                             on_done: Callable[[str | None], None]) -> None:
-        self._sync.transferLeadership(addr, callback=self._done(on_done))
+        """Runs on the tick thread: pysyncobj sends the request to the target
+        there, and peer links are only ever written from that thread."""
+        callback = self._done(on_done)
+        self._tick_calls.append(lambda: self._sync.transferLeadership(addr, callback=callback))
 
     @staticmethod
     def _done(on_done: Callable[[str | None], None]) -> Callable[[Any, int], None]:
@@ -815,6 +871,12 @@ class ReplicatedLog:
             return self._status
 
     def _on_tick(self) -> None:
+        while self._tick_calls:
+            call = self._tick_calls.popleft()
+            try:
+                call()
+            except Exception:  # pysyncobj's own state; never let it kill the tick
+                log.exception("a call on the tick thread failed")
         now = time.monotonic()
         if now - self._last_status < 0.02:
             return

@@ -10,11 +10,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import cbor2
 import pytest
 
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Noop
+from replication.raft import APPEND_ENTRIES_BYTES
 
 from .raftgroup import leader_of, raft_group
 
@@ -70,3 +73,70 @@ def test_a_single_batch_entry_keeps_its_method_id(tmp_path: Path) -> None:
     journal written before group commit replays the same way."""
     with raft_group(tmp_path, fsync=False) as logs:
         assert logs[0]._sync._batch_ids() == (0, 1)
+
+
+def test_merged_entries_stay_under_the_unchunked_size(tmp_path: Path) -> None:
+    """Batches whose bytes pickle to twice their size (every byte >= 0x80) are
+    not merged past ``MERGED_ENTRY_BYTES``: an entry over pysyncobj's chunk size
+    goes down its broken chunked path (the followers fail to unpickle it; seen
+    here as UnicodeDecodeError in their tick)."""
+    sizes = [1_000, 450 * 1024, 700 * 1024, 450 * 1024]
+    with raft_group(tmp_path, fsync=False) as logs:
+        leader = logs[leader_of(logs)]
+        failures: list[str] = []
+        held, release = threading.Event(), threading.Event()
+
+        def hold_once() -> None:  # the leader's tick thread waits while all are queued
+            if not held.is_set():
+                held.set()
+                release.wait(10)
+
+        leader._sync.addOnTickCallback(hold_once)
+        assert held.wait(10)
+        for seq, size in enumerate(sizes, start=1):
+            head = cbor2.dumps(["big", 1, seq, []])
+            leader.propose(head + b"\xff" * (size - len(head)),
+                           lambda reason, _maybe: failures.append(reason))
+        release.set()
+        deadline = time.monotonic() + 20
+        while True:
+            counts = [lg.applier.batches + lg.applier.rejected for lg in logs]
+            if min(counts) >= len(sizes):
+                break
+            assert time.monotonic() < deadline, (counts, failures)
+            time.sleep(0.05)
+        assert not failures
+        journal = leader._sync._SyncObj__raftLog
+        entry_sizes = [len(journal[i][0]) for i in range(len(journal))]
+        assert max(entry_sizes) < APPEND_ENTRIES_BYTES, entry_sizes
+
+
+def test_leadership_transfer_runs_on_the_tick_thread(tmp_path: Path) -> None:
+    """pysyncobj sends the transfer request on the peer link at once; links are
+    only written from the tick thread, so the call is made there."""
+    with raft_group(tmp_path, fsync=False) as logs:
+        k = leader_of(logs)
+        sync = logs[k]._sync
+        threads: list[str] = []
+        real = sync.transferLeadership
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        sync.transferLeadership = recording  # type: ignore[method-assign]
+        done = threading.Event()
+        result: list[str | None] = []
+
+        def on_done(err: str | None) -> None:
+            result.append(err)
+            done.set()
+
+        logs[k].transfer_leadership(None, on_done)
+        assert done.wait(10)
+        assert threads == [sync._SyncObj__thread.name]
+        assert result == [None]
+        deadline = time.monotonic() + 10
+        while logs[k].status().role == "leader":
+            assert time.monotonic() < deadline, "leadership did not move"
+            time.sleep(0.05)

@@ -1,6 +1,8 @@
-"""The Raft peer transport's cipher (``replication.raft.PeerCipher``): each link
-direction has its own key and a counter nonce, so a frame opens exactly once, in
-order, on its own link; and a frame is not compressed."""
+"""The Raft peer transport's cipher (``replication.raft.PeerCipher``): each side's
+first frame on a link is sealed under the cluster key, every later one under a
+key of its direction derived from both sides' random keys, with a counter
+nonce; so a frame opens exactly once, in order, on its own link, a replayed
+opening only starts a link with new keys, and a frame is not compressed."""
 
 from __future__ import annotations
 
@@ -21,18 +23,21 @@ class Link:
         self.recvRandKey: bytes | None = None
 
 
-def handshake(cipher: PeerCipher) -> tuple[Link, Link]:
-    """pysyncobj's opening: the connecting side sends its random key under the
-    cluster key; the accepting side answers with its own."""
+def handshake(cipher: PeerCipher, opening: bytes | None = None) -> tuple[Link, Link]:
+    """pysyncobj's opening: the connecting side sends its random key, the
+    accepting side answers with both. ``opening`` replays a recorded first frame
+    instead of a new client's (the client returned is then a fresh one that
+    never takes part)."""
     client, server = Link(), Link()
     client.recvRandKey = os.urandom(32)
     first = cipher.seal(client, pickle.dumps(client.recvRandKey))
-    server.sendRandKey = pickle.loads(cipher.open(server, first))
+    server.sendRandKey = pickle.loads(cipher.open(server, opening or first))
     server.recvRandKey = os.urandom(32)
     reply = cipher.seal(server, pickle.dumps((server.sendRandKey, server.recvRandKey)))
-    key, server_key = pickle.loads(cipher.open(client, reply))
-    assert key == client.recvRandKey
-    client.sendRandKey = server_key
+    if opening is None:
+        key, server_key = pickle.loads(cipher.open(client, reply))
+        assert key == client.recvRandKey
+        client.sendRandKey = server_key
     return client, server
 
 
@@ -78,14 +83,31 @@ def test_a_tampered_frame_or_another_secret_does_not_open(cipher: PeerCipher) ->
 
 
 def test_an_opening_frame_is_only_accepted_first(cipher: PeerCipher) -> None:
-    """Once a link has its key, a frame under the cluster key (say, a recorded
-    opening of an earlier link) is refused."""
+    """Once a link has opened, a frame under the cluster key (say, a recorded
+    opening of an earlier link) is refused, and so is anything but an opening
+    as a link's first frame."""
     recorded = cipher.seal(Link(), pickle.dumps(os.urandom(32)))
-    _client, server = handshake(cipher)
+    client, server = handshake(cipher)
     with pytest.raises(ValueError):
         cipher.open(server, recorded)
     with pytest.raises(ValueError):
         cipher.open(server, b"")
+    with pytest.raises(ValueError):
+        cipher.open(Link(), cipher.seal(client, b"sealed, not an opening"))
+
+
+def test_a_replayed_opening_gets_new_keys(cipher: PeerCipher) -> None:
+    """Replaying a client's first frame to the server starts a second link; the
+    server must not seal anything there under a key and nonce it already used
+    on the first link (the same plaintext must never give the same frame)."""
+    recorded_client = Link()
+    recorded_client.recvRandKey = os.urandom(32)
+    recorded = cipher.seal(recorded_client, pickle.dumps(recorded_client.recvRandKey))
+    _, server1 = handshake(cipher, opening=recorded)
+    _, server2 = handshake(cipher, opening=recorded)
+    frames1 = [cipher.seal(server1, b"heartbeat") for _ in range(3)]
+    frames2 = [cipher.seal(server2, b"heartbeat") for _ in range(3)]
+    assert not set(frames1) & set(frames2)
 
 
 def test_frames_are_not_compressed(cipher: PeerCipher) -> None:
