@@ -346,9 +346,14 @@ def _frame_costs_of(blob: bytes, repeat: int) -> dict[str, float]:
         fernet.extract_timestamp(token)
         pickle.loads(zlib.decompress(fernet.decrypt(token)))
 
-    rx, ahead = _Link(None, key), _Link(key, None)
+    # An opened link: the connecting side (own key ``key``, peer's ``other``) sends,
+    # the accepting side reads; each side's opening frame is out of the way.
+    other = secrets.token_bytes(32)
+    ahead, rx = _Link(other, key), _Link(key, other)
+    cipher.open(rx, cipher.seal(ahead, b"opening"))
     frames = iter([cipher.seal(ahead, pickle.dumps(msg)) for _ in range(5 * repeat)])
-    tx = _Link(key, None)
+    tx = _Link(other, key)
+    cipher.seal(tx, b"opening")
 
     def new_send() -> bytes:
         return cipher.seal(tx, pickle.dumps(msg))
