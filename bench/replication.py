@@ -350,13 +350,18 @@ def _frame_costs_of(blob: bytes, repeat: int) -> dict[str, float]:
     # the accepting side reads; each side's opening frame is out of the way.
     other = secrets.token_bytes(32)
     ahead, rx = _Link(other, key), _Link(key, other)
-    cipher.open(rx, cipher.seal(ahead, b"opening"))
-    frames = iter([cipher.seal(ahead, pickle.dumps(msg)) for _ in range(5 * repeat)])
+    def seal(link: _Link, data: bytes) -> bytes:
+        frame = cipher.seal(link, data)
+        assert frame is not None  # both random keys are known
+        return frame
+
+    cipher.open(rx, seal(ahead, b"opening"))
+    frames = iter([seal(ahead, pickle.dumps(msg)) for _ in range(5 * repeat)])
     tx = _Link(other, key)
     cipher.seal(tx, b"opening")
 
     def new_send() -> bytes:
-        return cipher.seal(tx, pickle.dumps(msg))
+        return seal(tx, pickle.dumps(msg))
 
     def new_read() -> None:
         pickle.loads(cipher.open(rx, next(frames)))

@@ -347,7 +347,10 @@ class PeerCipher:
                    info=_KDF_SALT).derive(self._cluster_key)
         return AESGCM(key)
 
-    def seal(self, conn: Any, data: bytes) -> bytes:
+    def seal(self, conn: Any, data: bytes) -> bytes | None:
+        """The frame for ``data``; None while this side has sent its first frame
+        and does not know the other side's random key yet (nothing can be sealed
+        for that link then)."""
         link: _LinkKey | None = getattr(conn, "_sb_tx", None)
         if link is None:
             conn._sb_tx = _LinkKey()
@@ -356,7 +359,7 @@ class PeerCipher:
         if link.aead is None:
             peer, own = conn.sendRandKey, conn.recvRandKey
             if not peer or not own:
-                raise ValueError("a second frame on a Raft link before its keys are known")
+                return None
             link.aead = self._direction_key(peer, own)
         n = link.counter
         link.counter = n + 1
@@ -386,13 +389,24 @@ class PeerCipher:
         return plain
 
 
+early_peer_frames = 0
+"""Messages dropped because their link was still opening: pysyncobj sends on a
+connected socket before the link's random keys are exchanged (a vote request,
+say). Raft re-sends what it needs; pysyncobj's own framing broke the link."""
+
+
 def _peer_send(self: Any, message: Any) -> None:
+    global early_peer_frames
     if self.sendRandKey:
         message = (self.sendRandKey, message)
     data = _ptcp.pickle.dumps(message)
     cipher = self.encryptor
     if cipher is not None:
-        data = cipher.seal(self, data)
+        sealed = cipher.seal(self, data)
+        if sealed is None:
+            early_peer_frames += 1
+            return
+        data = sealed
     self._TcpConnection__writeBuffer += struct.pack("i", len(data)) + data
     self._TcpConnection__trySendBuffer()
 
