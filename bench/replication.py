@@ -350,6 +350,7 @@ def _frame_costs_of(blob: bytes, repeat: int) -> dict[str, float]:
     # the accepting side reads; each side's opening frame is out of the way.
     other = secrets.token_bytes(32)
     ahead, rx = _Link(other, key), _Link(key, other)
+
     def seal(link: _Link, data: bytes) -> bytes:
         frame = cipher.seal(link, data)
         assert frame is not None  # both random keys are known

@@ -342,10 +342,14 @@ class PeerCipher:
         self._cluster_key = kdf.derive(secret)
         self._opening = AESGCM(self._cluster_key)
 
-    def _direction_key(self, first: bytes, second: bytes) -> AESGCM:
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=first + second,
-                   info=_KDF_SALT).derive(self._cluster_key)
-        return AESGCM(key)
+    def _aead(self, link: _LinkKey, first: bytes | None, second: bytes | None
+              ) -> AESGCM | None:
+        """``link``'s key, derived once both random keys are known; else None."""
+        if link.aead is None and first and second:
+            key = HKDF(algorithm=hashes.SHA256(), length=32, salt=first + second,
+                       info=_KDF_SALT).derive(self._cluster_key)
+            link.aead = AESGCM(key)
+        return link.aead
 
     def seal(self, conn: Any, data: bytes) -> bytes | None:
         """The frame for ``data``; None while this side has sent its first frame
@@ -356,15 +360,13 @@ class PeerCipher:
             conn._sb_tx = _LinkKey()
             nonce = os.urandom(12)
             return _OPENING_BYTE + nonce + self._opening.encrypt(nonce, data, _OPENING_BYTE)
-        if link.aead is None:
-            peer, own = conn.sendRandKey, conn.recvRandKey
-            if not peer or not own:
-                return None
-            link.aead = self._direction_key(peer, own)
+        aead = self._aead(link, conn.sendRandKey, conn.recvRandKey)  # peer's, then own
+        if aead is None:
+            return None
         n = link.counter
         link.counter = n + 1
-        return _SEALED_BYTE + link.aead.encrypt(_NONCE_PAD + n.to_bytes(8, "big"), data,
-                                                _SEALED_BYTE)
+        return _SEALED_BYTE + aead.encrypt(_NONCE_PAD + n.to_bytes(8, "big"), data,
+                                           _SEALED_BYTE)
 
     def open(self, conn: Any, frame: bytes) -> bytes:
         """The plaintext of ``frame``; raises ``InvalidTag`` or ``ValueError``."""
@@ -378,13 +380,11 @@ class PeerCipher:
             return plain
         if kind != _SEALED:
             raise ValueError(f"unexpected peer frame kind {kind}")
-        if link.aead is None:
-            own, peer = conn.recvRandKey, conn.sendRandKey
-            if not peer or not own:
-                raise ValueError("a second frame on a Raft link before its keys are known")
-            link.aead = self._direction_key(own, peer)
-        plain = link.aead.decrypt(_NONCE_PAD + link.counter.to_bytes(8, "big"), frame[1:],
-                                  _SEALED_BYTE)
+        aead = self._aead(link, conn.recvRandKey, conn.sendRandKey)  # own, then peer's
+        if aead is None:
+            raise ValueError("a second frame on a Raft link before its keys are known")
+        plain = aead.decrypt(_NONCE_PAD + link.counter.to_bytes(8, "big"), frame[1:],
+                             _SEALED_BYTE)
         link.counter += 1
         return plain
 
@@ -443,10 +443,6 @@ def _peer_parse(self: Any) -> Any:
     return message
 
 
-def _peer_cipher(password: str | bytes) -> PeerCipher:
-    return PeerCipher(password)
-
-
 _orig_connect = _ptcp.TcpConnection.connect
 _orig_disconnect = _ptcp.TcpConnection.disconnect
 
@@ -465,7 +461,7 @@ _ptcp.TcpConnection.send = _peer_send
 _ptcp.TcpConnection._TcpConnection__processParseMessage = _peer_parse
 _ptcp.TcpConnection.connect = _peer_connect
 _ptcp.TcpConnection.disconnect = _peer_disconnect
-_psyncobj.getEncryptor = _peer_cipher  # SyncObj builds its encryptor with it
+_psyncobj.getEncryptor = PeerCipher  # SyncObj builds its encryptor with it
 
 
 def _durable_replace(src: str, dst: str) -> None:
@@ -625,14 +621,17 @@ class _TableConsumer(SyncObjConsumer):
         except Exception:
             log.exception("on_restored failed")
 
-    @replicated
-    def apply_batch(self, blob: bytes) -> None:
+    def _apply(self, index: int, blob: bytes) -> None:
         # Runs on the tick thread. Must never raise (pysyncobj would retry it forever).
         try:
             applied = self._applier.apply(blob)
-            self._on_applied(self._index_of(), applied)
+            self._on_applied(index, applied)
         except Exception:
             log.exception("applying a batch failed")
+
+    @replicated
+    def apply_batch(self, blob: bytes) -> None:
+        self._apply(self._index_of(), blob)
 
     @replicated
     def apply_batches(self, blobs: list[bytes]) -> None:
@@ -640,11 +639,7 @@ class _TableConsumer(SyncObjConsumer):
         applied in the order they reached it."""
         index = self._index_of()
         for blob in blobs:
-            try:
-                applied = self._applier.apply(blob)
-                self._on_applied(index, applied)
-            except Exception:
-                log.exception("applying a batch failed")
+            self._apply(index, blob)
 
 
 def _die_with_parent() -> None:
@@ -685,9 +680,6 @@ class _SyncObj(SyncObj):
     attribute added after its constructor into each snapshot, and a function
     there makes every compaction fail.
     """
-
-    merged_entries = 0
-    merged_batches = 0
 
     def _SyncObj__applyLogEntries(self) -> Any:
         # A leader whose entry just committed sends the next one before applying,
@@ -747,23 +739,16 @@ class _SyncObj(SyncObj):
             entry = first
         else:
             entry = bytes([_REGULAR]) + _ptcp.pickle.dumps((merged_id, (blobs,)))
-            _SyncObj.merged_entries += 1
-            _SyncObj.merged_batches += len(blobs)
         idx = self._SyncObj__getCurrentLogIndex() + 1
         term = self._SyncObj__raftCurrentTerm
-        transport = self._SyncObj__transport
         try:
             self._SyncObj__raftLog.add(entry, idx, term)
         except Exception:
             # Not appended (a full disk, say): every proposer learns it, none waits.
             for callback in waiters:
-                if isinstance(callback, tuple):
-                    transport.send(callback[0], {"type": "apply_command_response",
-                                                 "request_id": callback[1],
-                                                 "error": FAIL_REASON.DISCARDED})
-                elif callback is not None:
-                    callback(None, FAIL_REASON.DISCARDED)
+                self._SyncObj__callErrCallback(FAIL_REASON.DISCARDED, callback)
             raise
+        transport = self._SyncObj__transport
         waiting = self._SyncObj__commandsWaitingCommit
         for callback in waiters:
             if isinstance(callback, tuple):  # forwarded by a follower: tell it where
