@@ -1,8 +1,9 @@
 """core: logins/s, presence updates/s and message throughput on a local 3-node cluster.
 
-(a) logins: L clients log in at once, spread round-robin over the nodes; the
-    figure is logins completed per second of wall time (first connect to last
-    ``login-ok``) and per-client latency from TCP connect to ``login-ok``.
+(a) logins: L clients log in at once, spread round-robin over the nodes, then
+    L clients all on the leader (one node's rate); the figure is logins
+    completed per second of wall time (first connect to last ``login-ok``) and
+    per-client latency from TCP connect to ``login-ok``.
 (b) presence: C clients each do sequential ``presence`` requests, each awaiting
     its ``ok`` (sent once the update is committed); committed updates per second
     and per-request latency. C = 1 on the leader, C = 1 on a follower, C = 64
@@ -76,15 +77,23 @@ MAX_SENDER_INFLIGHT = 2000
 # --- (a) logins -----------------------------------------------------------------------------
 
 
-async def bench_logins(bc: BenchCluster, plan: Plan, prog: Any) -> dict[str, Any]:
+async def bench_logins(bc: BenchCluster, plan: Plan, prog: Any,
+                       where: str = "spread") -> dict[str, Any]:
+    """``where``: "spread" (round-robin over the nodes) or "leader" (every client
+    on the leader: one node's rate, the node also doing the leader's Raft work)."""
     addrs = bc.addresses()
+    node_id: str | None = None
+    if where == "leader":
+        node_id = await trio.to_thread.run_sync(bc.c.wait_ready)
+        addrs = [bc.c.spec(node_id).client]
     counters = Counters()
     lat: list[float] = []
     waves: list[dict[str, Any]] = []
     logout_s: list[float] = []
-    task = prog.add_task("logins", total=plan.login_waves)
+    task = prog.add_task(f"logins ({where})", total=plan.login_waves)
     for w in range(plan.login_waves):
-        conns = [RawConn(spread(addrs, i), f"login{w}-{i}", bc.token(f"login{w}-{i}"), counters,
+        tag = f"login{where[0]}{w}"
+        conns = [RawConn(spread(addrs, i), f"{tag}-{i}", bc.token(f"{tag}-{i}"), counters,
                          i) for i in range(plan.login_clients)]
         async with trio.open_nursery() as nursery:
             t0 = time.perf_counter()
@@ -109,6 +118,8 @@ async def bench_logins(bc: BenchCluster, plan: Plan, prog: Any) -> dict[str, Any
     total_ok = sum(w["ok"] for w in waves)
     total_wall = sum(w["wall_s"] for w in waves)
     return {
+        "where": where,
+        "node": node_id,
         "clients_per_wave": plan.login_clients,
         "waves": waves,
         "logins_per_s": total_ok / total_wall if total_wall > 0 else 0.0,
@@ -293,6 +304,7 @@ async def _run(opts: Options, bc: BenchCluster, plan: Plan) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with progress(opts) as prog:
         result["logins"] = await bench_logins(bc, plan, prog)
+        result["logins_one_node"] = await bench_logins(bc, plan, prog, where="leader")
         result["presence"] = [
             await presence_workload(bc, prog, clients=1, seconds=plan.presence_seconds,
                                     warmup=plan.warmup, where="leader"),
@@ -315,16 +327,22 @@ def _cpu(c: dict[str, float]) -> str:
 
 def _print(opts: Options, res: dict[str, Any]) -> None:
     con = opts.console
-    lg = res["logins"]
-    con.print(make_table(
-        f"(a) logins: {lg['clients_per_wave']} clients at once x {len(lg['waves'])} waves",
-        ["figure", "value"],
-        [["logins/s", fmt_rate(lg["logins_per_s"])],
-         ["per wave", ", ".join(fmt_rate(w["logins_per_s"]) for w in lg["waves"])],
-         ["connect+login p50 ms", fmt_ms(lg["latency"]["p50_ms"])],
-         ["connect+login p99 ms", fmt_ms(lg["latency"]["p99_ms"])],
-         ["failed logins", str(sum(lg["failures"]["login_failures"].values()))],
-         ["CPU nodes/bench/others (cores)", ", ".join(_cpu(w["cpu"]) for w in lg["waves"])]]))
+    for lg in (res["logins"], res.get("logins_one_node")):
+        if lg is None:
+            continue
+        on = ("spread over the nodes" if lg.get("where", "spread") == "spread"
+              else f"all on {lg['node']} (the leader)")
+        con.print(make_table(
+            f"(a) logins: {lg['clients_per_wave']} clients at once x {len(lg['waves'])} waves, "
+            f"{on}",
+            ["figure", "value"],
+            [["logins/s", fmt_rate(lg["logins_per_s"])],
+             ["per wave", ", ".join(fmt_rate(w["logins_per_s"]) for w in lg["waves"])],
+             ["connect+login p50 ms", fmt_ms(lg["latency"]["p50_ms"])],
+             ["connect+login p99 ms", fmt_ms(lg["latency"]["p99_ms"])],
+             ["failed logins", str(sum(lg["failures"]["login_failures"].values()))],
+             ["CPU nodes/bench/others (cores)",
+              ", ".join(_cpu(w["cpu"]) for w in lg["waves"])]]))
     con.print(make_table(
         "(b) presence updates (each client: sequential, awaiting the commit)",
         ["clients", "on", "committed/s", "p50 ms", "p99 ms", "max ms", "err/drop",
