@@ -111,10 +111,13 @@ class FsmServer:
     def stats(self) -> dict[str, Any]:
         fs, fsec = self.log.fsync_statistics()
         skipped, replaced, truncations = self.log.rewrite_statistics()
+        cuts, cut_s, cut_max = self.log.cut_statistics()
         ts = self.table.statistics()
         return {"fsyncs": fs, "fsync_seconds": round(fsec, 3),
                 "resent_identical_skipped": skipped, "entries_replaced": replaced,
                 "truncation_events": truncations, "proposal_failures": self.failed,
+                "journal_cuts": cuts, "journal_cut_seconds": round(cut_s, 3),
+                "journal_cut_max_ms": round(cut_max * 1000, 1),
                 "table": {"sessions": ts.sessions, "users": ts.users,
                           "mailbox_messages": ts.mailbox_messages,
                           "messages_sent": ts.messages_sent, "messages_acked": ts.messages_acked,
@@ -196,7 +199,10 @@ class RawServer:
             from replication.raft import ReplicatedLog
 
             fs, fsec = ReplicatedLog.fsync_statistics()
-            out.update(fsyncs=fs, fsync_seconds=round(fsec, 3))
+            cuts, cut_s, cut_max = ReplicatedLog.cut_statistics()
+            out.update(fsyncs=fs, fsync_seconds=round(fsec, 3), journal_cuts=cuts,
+                       journal_cut_seconds=round(cut_s, 3),
+                       journal_cut_max_ms=round(cut_max * 1000, 1))
         return out
 
     def digest(self) -> str:

@@ -86,6 +86,7 @@ class CoreStats:
     fsyncs: int = 0
     fsync_seconds: float = 0.0
     rewrites: tuple[int, int, int] = (0, 0, 0)
+    cuts: tuple[int, float, float] = (0, 0.0, 0.0)
     raft: RaftStatus = field(default_factory=RaftStatus)
 
 
@@ -540,6 +541,7 @@ class Core:
         st.last_confirmed_age = time.monotonic() - self.last_confirmed
         st.fsyncs, st.fsync_seconds = ReplicatedLog.fsync_statistics()
         st.rewrites = ReplicatedLog.rewrite_statistics()
+        st.cuts = ReplicatedLog.cut_statistics()
         if self.log is not None:
             st.raft = self.log.status()
         return st

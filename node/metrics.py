@@ -107,6 +107,11 @@ class _NodeCollector(Collector):
                       "(not rewritten)", skipped)
         yield counter("journal_replaced", "Log entries replaced by different ones "
                       "(uncommitted entries of a deposed leader)", replaced)
+        cuts, cut_seconds, cut_max = cs.cuts
+        yield counter("journal_cuts", "Journal cuts after a compaction (kept entries copied "
+                      "to a new file)", cuts)
+        yield counter("journal_cut_seconds", "Time spent cutting the journal", cut_seconds)
+        yield gauge("journal_cut_seconds_max", "The longest journal cut", cut_max)
 
 
 class NodeMetrics:

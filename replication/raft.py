@@ -156,6 +156,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
     skipped_identical = 0
     replaced = 0
     cuts = 0
+    cut_seconds = 0.0
+    cut_seconds_max = 0.0
 
     def __init__(self, journal_file: str, fsync: bool):
         self._fsync = fsync
@@ -241,6 +243,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
         entries: list[Any] = self._FileJournal__journal  # type: ignore[has-type]
         if entryTo <= 0:
             return
+        t0 = time.perf_counter()
         keep = entries[entryTo:]
         rf: Any = self._FileJournal__journalFile  # type: ignore[has-type]
         mm = rf._ResizableFile__mm
@@ -269,7 +272,10 @@ class _DurableFileJournal(_pjournal.FileJournal):
         self._FileJournal__journalFile = _pjournal.ResizableFile(path)
         self._FileJournal__journal = keep
         self._FileJournal__currentOffset = new_end
+        took = time.perf_counter() - t0
         _DurableFileJournal.cuts += 1
+        _DurableFileJournal.cut_seconds += took
+        _DurableFileJournal.cut_seconds_max = max(_DurableFileJournal.cut_seconds_max, took)
 
     @contextlib.contextmanager
     def loading_dump(self) -> Iterator[None]:
@@ -1016,6 +1022,12 @@ class ReplicatedLog:
     def fsync_statistics() -> tuple[int, float]:
         """(fsyncs done, seconds spent in them) by this process's journals."""
         return _DurableFileJournal.fsync_count, _DurableFileJournal.fsync_seconds
+
+    @staticmethod
+    def cut_statistics() -> tuple[int, float, float]:
+        """(journal cuts after compactions, seconds spent in them, the longest one)."""
+        j = _DurableFileJournal
+        return j.cuts, j.cut_seconds, j.cut_seconds_max
 
     @staticmethod
     def rewrite_statistics() -> tuple[int, int, int]:
