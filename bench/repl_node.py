@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     inc = secrets.randbits(62) | 1
     # The node process's collector settings, in every mode: the baselines get them too.
     collector.tune(collector.CORE_THRESHOLDS)
+    collector.pause_meter()
     server: Server = (FsmServer(args, args.id, inc) if args.mode == "fsm"
                       else RawServer(args, args.id, inc))
     if args.prebuilt and args.mode != "raw":
@@ -533,7 +534,10 @@ def main(argv: list[str] | None = None) -> int:
                 reply(run_phase(proposer, workload, None if rate is None else float(rate),
                                 float(req["seconds"]), float(req["warmup"])))
             elif op == "stats":
-                reply(server.stats())
+                gcs = collector.pause_meter().statistics()
+                reply({**server.stats(),
+                       "gc": [{"count": g.count, "seconds": round(g.seconds, 3),
+                               "longest_ms": round(g.longest * 1000, 1)} for g in gcs]})
             elif op == "digest":
                 reply(quiet_digest(server, float(req.get("timeout", 10))))
             elif op == "quit":

@@ -471,11 +471,14 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
         batches = max((s.get("batches_applied", 0) for s in st.values()), default=0)
         cuts = {n: f"{s['journal_cuts']} (max {s['journal_cut_max_ms']:.0f} ms)"
                 for n, s in st.items() if s.get("journal_cuts")}
+        gcs = {n: "/".join(f"{g['longest_ms']:.0f}" for g in s["gc"])
+               for n, s in st.items() if s.get("gc")}
         con.print(f"run {r['run']} {r['config']}: leader {r['leader']} (kept: "
                   f"{r['leader_still']}), setup {r['setup']['committed']}/"
                   f"{r['setup']['commands']} commands in {r['setup']['seconds']:.2f} s "
                   f"(errors {r['setup']['errors'] or 0}); {batches} batches applied; fsyncs "
-                  f"{fs or '-'}; journal cuts {cuts or '-'}; re-sent entries followers "
+                  f"{fs or '-'}; journal cuts {cuts or '-'}; longest collection of "
+                  f"generation 0/1/2, ms {gcs or '-'}; re-sent entries followers "
                   f"skipped {resent or '-'}; helper log "
                   f"lines {r['log_lines'] or 'none'}{extra}")
     u = res["unit_costs"]

@@ -272,6 +272,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     collector.tune(collector.CORE_THRESHOLDS)
+    collector.pause_meter()
     try:
         trio.run(run_node, config, announce)
     except BaseException as exc:

@@ -112,6 +112,19 @@ class _NodeCollector(Collector):
                       "to a new file)", cuts)
         yield counter("journal_cut_seconds", "Time spent cutting the journal", cut_seconds)
         yield gauge("journal_cut_seconds_max", "The longest journal cut", cut_max)
+        collections = CounterMetricFamily("switchboard_gc_collections", "Garbage collections "
+                                          "of the node process", labels=["generation"])
+        paused = CounterMetricFamily("switchboard_gc_pause_seconds", "Time the node process "
+                                     "spent in garbage collections", labels=["generation"])
+        longest = GaugeMetricFamily("switchboard_gc_pause_seconds_max", "The longest garbage "
+                                    "collection of the node process", labels=["generation"])
+        for gen, p in enumerate(cs.gc):
+            collections.add_metric([str(gen)], p.count)
+            paused.add_metric([str(gen)], p.seconds)
+            longest.add_metric([str(gen)], p.longest)
+        yield collections
+        yield paused
+        yield longest
 
 
 class NodeMetrics:

@@ -217,7 +217,8 @@ async def test_metrics_exposition_parses(make_cluster: Callable[..., Cluster]) -
                  "switchboard_raft_role", "switchboard_raft_term", "switchboard_fenced",
                  "switchboard_commit_latency_seconds", "switchboard_presence_updates",
                  "switchboard_core_queue_depth", "switchboard_journal_fsyncs",
-                 "switchboard_journal_cuts", "switchboard_journal_cut_seconds_max"):
+                 "switchboard_journal_cuts", "switchboard_journal_cut_seconds_max",
+                 "switchboard_gc_collections", "switchboard_gc_pause_seconds_max"):
         assert name in families, name
     sample = {s.name: s.value for f in families.values() for s in f.samples}
     assert sample["switchboard_logins_total"] >= 1

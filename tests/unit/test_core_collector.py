@@ -58,3 +58,21 @@ async def test_freezes_once_the_table_grew(tmp_path: Path, collector: None,
             await trio.sleep(1.5 * COLLECTOR_PERIOD)
             assert gc.get_freeze_count() > 0
             nursery.cancel_scope.cancel()
+
+
+def test_the_pause_meter_times_every_collection() -> None:
+    meter = node_collector.pause_meter()
+    assert node_collector.pause_meter() is meter  # one per process
+    before = meter.statistics()
+    garbage = [[] for _ in range(10_000)]
+    for a, b in zip(garbage, garbage[1:], strict=False):
+        a.append(b)
+        b.append(a)
+    del garbage, a, b
+    gc.collect(2)
+    gc.collect(0)
+    after = meter.statistics()
+    assert after[2].count == before[2].count + 1
+    assert after[0].count >= before[0].count + 1
+    assert after[2].seconds > before[2].seconds
+    assert after[2].longest >= after[2].seconds - before[2].seconds > 0
