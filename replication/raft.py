@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import gzip
 import logging
 import os
@@ -742,15 +743,15 @@ class _TableConsumer(SyncObjConsumer):
 
 def _compaction_child() -> None:
     """In a forked compaction child: die if the node dies, never outlive it; and
-    run at the lowest CPU priority, so that encoding the snapshot takes only CPU
-    the nodes leave idle instead of stalling the log for a tenth of a second."""
+    collect no garbage: a collection walks the whole inherited heap, copying
+    every page it touches, and the child lives only to write one snapshot. The
+    sooner it is done, the fewer entries the journal cut then copies."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-    with contextlib.suppress(OSError):
-        os.nice(19)
+    gc.disable()
 
 
 _LEADER = _psyncobj._RAFT_STATE.LEADER

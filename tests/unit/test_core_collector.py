@@ -4,6 +4,7 @@ once the session table has grown (so full collections never walk it)."""
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,8 @@ def test_the_pause_meter_times_every_collection() -> None:
     meter = node_collector.pause_meter()
     assert node_collector.pause_meter() is meter  # one per process
     before = meter.statistics()
-    garbage = [[] for _ in range(10_000)]
-    for a, b in zip(garbage, garbage[1:], strict=False):
+    garbage: list[list[object]] = [[] for _ in range(10_000)]
+    for a, b in itertools.pairwise(garbage):
         a.append(b)
         b.append(a)
     del garbage, a, b

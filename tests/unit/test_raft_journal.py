@@ -3,6 +3,8 @@ file: compaction's cut and the start-up load of the dump (no cluster needed)."""
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 
 import pysyncobj.journal as pjournal
@@ -93,3 +95,23 @@ def test_loading_a_dump_the_journal_does_not_hold_clears_it(tmp_path: Path, case
     assert _entries(j) == last_two
     j._destroy()
     assert _entries(_journal(path)) == last_two
+
+
+def test_the_compaction_child_collects_no_garbage() -> None:
+    """The forked compaction child runs with the collector off (a collection there
+    walks, and so copies, the whole inherited heap) and dies with its node."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave at once, whatever happens
+        try:
+            raft._compaction_child()
+            os.write(write, b"1" if not gc.isenabled() else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"1"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert gc.isenabled()
