@@ -282,7 +282,8 @@ NODE_COUNTERS = {
     "proposal_retries_total", "request_timeouts_total", "clients_dropped_slow_total",
     "refused_fenced_total", "protocol_errors_total", "session_expiries_total",
     "journal_fsyncs_total", "journal_fsync_seconds_total", "mailbox_messages",
-    "sessions", "sessions_orphaned",
+    "sessions", "sessions_orphaned", "journal_cuts_total", "journal_cut_seconds_max",
+    *(f"gc_pause_seconds_max_gen{g}" for g in range(3)),
 }
 
 
@@ -417,8 +418,14 @@ def scrape_metrics(addr: str, timeout: float = 2.0) -> dict[str, float]:
         return out
     body = b"".join(chunks).split(b"\r\n\r\n", 1)[-1].decode(errors="replace")
     for line in body.splitlines():
-        if not line or line.startswith("#") or "{" in line:
+        if not line or line.startswith("#"):
             continue
+        if "{" in line:  # labelled: only the collector's, as name_gen<N>
+            if not line.startswith("switchboard_gc_"):
+                continue
+            name, _, rest = line.partition("{")
+            label, _, value = rest.partition("}")
+            line = f"{name}_gen{label.split('=')[-1].strip(chr(34))} {value.strip()}"
         parts = line.split()
         if len(parts) == 2:
             try:
