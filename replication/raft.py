@@ -315,8 +315,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
                 for have, (cmd, idx, term) in zip(entries[pos:pos + 2], held, strict=True)):
             if pos:
                 self.deleteEntriesTo(pos)
-            log.warning("kept the %d log entries after the snapshot that pysyncobj "
-                        "would have dropped", len(self._FileJournal__journal) - 2)
+                log.warning("kept the %d log entries after the snapshot that pysyncobj "
+                            "would have dropped", len(self._FileJournal__journal) - 2)
             return
         super().clear()
         for e in held:
