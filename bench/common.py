@@ -425,7 +425,8 @@ def scrape_metrics(addr: str, timeout: float = 2.0) -> dict[str, float]:
                 continue
             name, _, rest = line.partition("{")
             label, _, value = rest.partition("}")
-            line = f"{name}_gen{label.split('=')[-1].strip(chr(34))} {value.strip()}"
+            gen = label.partition("=")[2].strip('"')
+            line = f"{name}_gen{gen} {value.strip()}"
         parts = line.split()
         if len(parts) == 2:
             try:

@@ -56,6 +56,16 @@ BODY = b"m" * 64
 # --- the two servers -----------------------------------------------------------------------
 
 
+def _journal_stats() -> dict[str, Any]:
+    """The node's fsyncing journal in this process: fsyncs and compaction cuts."""
+    from replication.raft import ReplicatedLog
+
+    fs, fsec = ReplicatedLog.fsync_statistics()
+    cuts, cut_s, cut_max = ReplicatedLog.cut_statistics()
+    return {"fsyncs": fs, "fsync_seconds": round(fsec, 3), "journal_cuts": cuts,
+            "journal_cut_seconds": round(cut_s, 3), "journal_cut_max_ms": round(cut_max * 1000, 1)}
+
+
 class FsmServer:
     """ReplicatedLog + SessionTable, as in a node."""
 
@@ -109,15 +119,11 @@ class FsmServer:
                 "last_applied": st.last_applied, "has_quorum": st.has_quorum}
 
     def stats(self) -> dict[str, Any]:
-        fs, fsec = self.log.fsync_statistics()
         skipped, replaced, truncations = self.log.rewrite_statistics()
-        cuts, cut_s, cut_max = self.log.cut_statistics()
         ts = self.table.statistics()
-        return {"fsyncs": fs, "fsync_seconds": round(fsec, 3),
+        return {**_journal_stats(),
                 "resent_identical_skipped": skipped, "entries_replaced": replaced,
                 "truncation_events": truncations, "proposal_failures": self.failed,
-                "journal_cuts": cuts, "journal_cut_seconds": round(cut_s, 3),
-                "journal_cut_max_ms": round(cut_max * 1000, 1),
                 "table": {"sessions": ts.sessions, "users": ts.users,
                           "mailbox_messages": ts.mailbox_messages,
                           "messages_sent": ts.messages_sent, "messages_acked": ts.messages_acked,
@@ -196,13 +202,7 @@ class RawServer:
                                "bytes_applied": self.applied_bytes,
                                "proposal_failures": self.failed}
         if self.fsync:
-            from replication.raft import ReplicatedLog
-
-            fs, fsec = ReplicatedLog.fsync_statistics()
-            cuts, cut_s, cut_max = ReplicatedLog.cut_statistics()
-            out.update(fsyncs=fs, fsync_seconds=round(fsec, 3), journal_cuts=cuts,
-                       journal_cut_seconds=round(cut_s, 3),
-                       journal_cut_max_ms=round(cut_max * 1000, 1))
+            out.update(_journal_stats())
         return out
 
     def digest(self) -> str:

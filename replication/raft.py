@@ -128,6 +128,12 @@ class RaftStatus:
 # --- durability: an fsyncing journal --------------------------------------------
 
 
+def _same_entry(have: Any, entry: tuple[bytes, int, int]) -> bool:
+    """Whether a journal entry (command, index, term) is ``entry``."""
+    command, idx, term = entry
+    return bool(have[1] == idx and have[2] == term and bytes(have[0]) == bytes(command))
+
+
 class _DurableFileJournal(_pjournal.FileJournal):
     """pysyncobj's FileJournal, fsynced, without pointless rewrites.
 
@@ -204,7 +210,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
         if self._cut is not None:
             if self._cut < super().__len__():
                 have = super().__getitem__(self._cut)
-                if have[1] == idx and have[2] == term and bytes(have[0]) == bytes(command):
+                if _same_entry(have, (command, idx, term)):
                     self._cut += 1
                     _DurableFileJournal.skipped_identical += 1
                     return
@@ -241,10 +247,10 @@ class _DurableFileJournal(_pjournal.FileJournal):
         records' bytes are copied into a new file in one write, synced, and
         renamed over the journal: the old file stays whole until the rename."""
         self._settle()
-        entries: list[Any] = self._FileJournal__journal  # type: ignore[has-type]
         if entryTo <= 0:
             return
         t0 = time.perf_counter()
+        entries: list[Any] = self._FileJournal__journal  # type: ignore[has-type]
         keep = entries[entryTo:]
         rf: Any = self._FileJournal__journalFile  # type: ignore[has-type]
         mm = rf._ResizableFile__mm
@@ -294,10 +300,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
             self._rebase, self._rebase_cleared = None, False
             if pending is not None and cleared:
                 # A clear without both entries after it: carry it out after all.
-                super().clear()
-                for entry in pending:
-                    super().add(*entry)
-                self._sync()
+                self._replace_all(pending)
 
     def _rebased(self, entry: tuple[bytes, int, int]) -> None:
         """During ``loading_dump``, after a clear: hold back the two entries added;
@@ -311,15 +314,18 @@ class _DurableFileJournal(_pjournal.FileJournal):
         entries = self._FileJournal__journal
         pos = held[0][1] - entries[0][1] if entries else -1
         if pos >= 0 and pos + 1 < len(entries) and all(
-                have[1] == idx and have[2] == term and bytes(have[0]) == bytes(cmd)
-                for have, (cmd, idx, term) in zip(entries[pos:pos + 2], held, strict=True)):
+                _same_entry(have, e) for have, e in zip(entries[pos:pos + 2], held, strict=True)):
             if pos:
                 self.deleteEntriesTo(pos)
                 log.warning("kept the %d log entries after the snapshot that pysyncobj "
                             "would have dropped", len(self._FileJournal__journal) - 2)
             return
+        self._replace_all(held)
+
+    def _replace_all(self, entries: list[tuple[bytes, int, int]]) -> None:
+        """pysyncobj's clear and re-add, as it meant them: the journal is ``entries``."""
         super().clear()
-        for e in held:
+        for e in entries:
             super().add(*e)
         self._sync()
 
