@@ -257,7 +257,8 @@ class LocalCluster:
         return leaders[0] if len(leaders) == 1 else None
 
     def wait_ready(self, nodes: list[str] | None = None, timeout: float = 30.0) -> str:
-        """Wait until there is a leader and ``nodes`` (default: all running) are ready."""
+        """Wait until there is a leader, ``nodes`` (default: all running) are ready and
+        the leader's per-user limits are in force."""
         deadline = time.monotonic() + timeout
         want = nodes or [nid for nid, np in self.procs.items() if np.alive()]
         last = ""
@@ -265,7 +266,9 @@ class LocalCluster:
             sts = self.statuses()
             leaders = [n for n, st in sts.items() if st is not None and st["role"] == "leader"]
             ready = [n for n in want if sts.get(n) is not None and sts[n]["ready"]]  # type: ignore[index]
-            if len(leaders) == 1 and len(ready) == len(want):
+            # The leader's flags set the per-user limits; ready means they are in force.
+            if (len(leaders) == 1 and len(ready) == len(want)
+                    and not sts[leaders[0]].get("limits_pending")):  # type: ignore[union-attr]
                 return leaders[0]
             dead = [n for n in want if not self.procs[n].alive()]
             if dead:

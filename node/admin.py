@@ -9,6 +9,7 @@ cluster secret. The answer is ``{"type": "admin-ok", "result": {...}}`` or an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import time
@@ -328,6 +329,8 @@ def node_status(config: NodeConfig, core: Core, gateway: GatewayLike,
         "member": core.member,
         "drained": gateway.drained,
         "ready": core.serving() and not gateway.drained and gateway.listening(),
+        "limits": dataclasses.asdict(core.table.user_limits),
+        "limits_pending": core.limits_pending(),
         "connections": gs.connections,
         "sessions_local": gs.sessions_local,
         "sessions": ts.sessions,

@@ -378,6 +378,17 @@ class Core:
         """False while a node started with ``--join`` waits to be added."""
         return not self.config.join or self.node_id in self.table.joined
 
+    @property
+    def wanted_limits(self) -> UserLimits:
+        """The per-user limits this node's flags ask for; the leader's flags win."""
+        cfg = self.config
+        return UserLimits(cfg.sessions_per_user, cfg.allow_list, cfg.subscriptions, cfg.mailbox)
+
+    def limits_pending(self) -> bool:
+        """True while this node leads and the limits in force are not its flags' yet."""
+        return (self.log is not None and self.log.status().role == "leader"
+                and self.table.user_limits != self.wanted_limits)
+
     def serving(self) -> bool:
         return self.ready.is_set() and not self.fenced and self.member
 
@@ -501,11 +512,14 @@ class Core:
             nonlocal configuring
             configuring = False
 
-        cfg = self.config
-        want = UserLimits(cfg.sessions_per_user, cfg.allow_list, cfg.subscriptions,
-                          cfg.mailbox)
+        want = self.wanted_limits
+        first = True
         while True:
-            await trio.sleep(interval)
+            # The first pass does not sleep: limits set by flags take force as soon
+            # as this node leads, before the cluster reports itself ready.
+            if not first:
+                await trio.sleep(interval)
+            first = False
             if self.log.status().role != "leader":
                 last = None
                 continue

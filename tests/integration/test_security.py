@@ -196,6 +196,29 @@ async def test_rogue_peers_cannot_join_inject_or_read(make_cluster: Callable[...
 # --- limits ----------------------------------------------------------------------------------
 
 
+async def test_limits_are_in_force_once_the_cluster_is_ready(tmp_path: Path) -> None:
+    """The per-user limits come from the leader's flags through the log: a cluster
+    that says it is ready must already enforce them, on every node."""
+    c = Cluster(tmp_path, 3, "127.0.0.1", free_base_port(3), [*TEST_NODE_ARGS, *LIMITS])
+    try:
+        await trio.to_thread.run_sync(lambda: c.start(timeout=60))
+        n = c.client_addresses()
+        with trio.fail_after(30):
+            async with client.connect(n[:1], user="early", token=c.token("early")), \
+                    client.connect(n[1:2], user="early", token=c.token("early")):
+                with pytest.raises(client.SwitchboardError) as e:
+                    async with client.connect(n[2:], user="early", token=c.token("early")):
+                        pass
+                assert e.value.code == "limit"
+            statuses = await trio.to_thread.run_sync(c.statuses)
+        for st in statuses.values():
+            assert st is not None and not st["limits_pending"]
+            assert st["limits"] == {"sessions_per_user": 2, "allow_list": 3,
+                                    "subscriptions": 3, "mailbox": 5}
+    finally:
+        await trio.to_thread.run_sync(c.stop)
+
+
 async def test_sessions_per_user_limit(limited: Cluster) -> None:
     n = limited.client_addresses()
     with trio.fail_after(30):
