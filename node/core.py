@@ -86,7 +86,7 @@ class CoreStats:
     fsyncs: int = 0
     fsync_seconds: float = 0.0
     rewrites: tuple[int, int, int] = (0, 0, 0)
-    cuts: tuple[int, float, float] = (0, 0.0, 0.0)
+    cuts: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
     gc: list[collector.Pauses] = field(default_factory=list)
     raft: RaftStatus = field(default_factory=RaftStatus)
 

@@ -107,11 +107,15 @@ class _NodeCollector(Collector):
                       "(not rewritten)", skipped)
         yield counter("journal_replaced", "Log entries replaced by different ones "
                       "(uncommitted entries of a deposed leader)", replaced)
-        cuts, cut_seconds, cut_max = cs.cuts
+        cuts, cut_seconds, cut_max, cut_copy = cs.cuts
         yield counter("journal_cuts", "Journal cuts after a compaction (kept entries copied "
                       "to a new file)", cuts)
-        yield counter("journal_cut_seconds", "Time spent cutting the journal", cut_seconds)
-        yield gauge("journal_cut_seconds_max", "The longest journal cut", cut_max)
+        yield counter("journal_cut_seconds", "Time journal cuts held the Raft thread",
+                      cut_seconds)
+        yield gauge("journal_cut_seconds_max", "The longest a journal cut held the Raft "
+                    "thread at once", cut_max)
+        yield counter("journal_cut_copy_seconds", "Time spent copying the kept entries, "
+                      "off the Raft thread", cut_copy)
         collections = CounterMetricFamily("switchboard_gc_collections", "Garbage collections "
                                           "of the node process", labels=["generation"])
         paused = CounterMetricFamily("switchboard_gc_pause_seconds", "Time the node process "

@@ -134,6 +134,48 @@ def _same_entry(have: Any, entry: tuple[bytes, int, int]) -> bool:
     return bool(have[1] == idx and have[2] == term and bytes(have[0]) == bytes(command))
 
 
+class _BackgroundCut:
+    """The bulk of a journal cut, off the tick thread: a thread copies the live
+    records ``[start, end)`` of the journal file into ``<journal>.cut`` after a
+    header and syncs it. The records there never change while the log only
+    grows; a truncation into them or a clear marks the copy ``stale``."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self, path: str, header: bytes, start: int, end: int, fsync: bool):
+        self.path, self.tmp = path, path + ".cut"
+        self.start, self.end = start, end
+        self.stale = False
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._copy, args=(header, fsync),
+                                       name="journal-cut", daemon=True)
+
+    def _copy(self, header: bytes, fsync: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            # Read through the page cache, not the tick thread's mmap, which it
+            # may resize meanwhile.
+            with open(self.path, "rb") as src, open(self.tmp, "wb") as out:
+                out.write(header)
+                pos = self.start
+                while pos < self.end:
+                    data = os.pread(src.fileno(), min(self.CHUNK, self.end - pos), pos)
+                    if not data:
+                        raise OSError(f"journal shorter than {self.end} bytes")
+                    out.write(data)
+                    pos += len(data)
+                out.flush()
+                if fsync:
+                    os.fsync(out.fileno())
+        except Exception as e:  # the cut is abandoned; the old file stays whole
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - t0
+            self.done.set()
+
+
 class _DurableFileJournal(_pjournal.FileJournal):
     """pysyncobj's FileJournal, fsynced, without pointless rewrites.
 
@@ -165,6 +207,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
     cuts = 0
     cut_seconds = 0.0
     cut_seconds_max = 0.0
+    cut_copy_seconds = 0.0
 
     def __init__(self, journal_file: str, fsync: bool):
         self._fsync = fsync
@@ -173,6 +216,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
         self._rebase_cleared = False
         self._deferring = False
         self._unsynced = False
+        self._bg: _BackgroundCut | None = None
+        self._live_from = _pjournal.FIRST_RECORD_OFFSET
         super().__init__(journal_file)
 
     @contextlib.contextmanager
@@ -188,7 +233,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
                 self._sync()
 
     def _sync(self) -> None:
-        if not self._fsync:
+        if self._poll_cut() or not self._fsync:
             return
         f = self._FileJournal__journalFile._ResizableFile__f
         t0 = time.perf_counter()
@@ -201,6 +246,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
         cut, self._cut = self._cut, None
         if cut is not None and cut < super().__len__():
             super().deleteEntriesFrom(cut)
+            if self._bg is not None and self._FileJournal__currentOffset < self._bg.end:
+                self._bg.stale = True  # the copy holds records no longer in the log
             self._sync()
 
     def add(self, command: bytes, idx: int, term: int) -> None:
@@ -235,6 +282,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
             self._rebase_cleared = True  # decided once both entries are added
             return
         super().clear()
+        self._forget_cut()
         self._sync()
 
     def deleteEntriesTo(self, entryTo: int) -> None:
@@ -243,46 +291,105 @@ class _DurableFileJournal(_pjournal.FileJournal):
         pysyncobj clears the file and appends every remaining entry again, one
         record at a time (here one fsync each: 0.8 s on the tick thread with a
         few thousand entries left after a compaction under load), and a crash
-        halfway loses entries this node acknowledged. Here the remaining
-        records' bytes are copied into a new file in one write, synced, and
-        renamed over the journal: the old file stays whole until the rename."""
+        halfway loses entries this node acknowledged. Here the entries go from
+        memory at once; the file keeps them (its records before them are dead)
+        until a thread has copied the live records into a new file and synced
+        it (``_BackgroundCut``); the tick thread then adds what was appended
+        meanwhile and renames the copy over the journal (``_finish_cut``). A
+        crash before the rename leaves the whole old file, which the start-up
+        load cuts (``loading_dump``)."""
         self._settle()
         if entryTo <= 0:
             return
         t0 = time.perf_counter()
         entries: list[Any] = self._FileJournal__journal  # type: ignore[has-type]
         keep = entries[entryTo:]
-        rf: Any = self._FileJournal__journalFile  # type: ignore[has-type]
-        mm = rf._ResizableFile__mm
+        mm = self._FileJournal__journalFile._ResizableFile__mm  # type: ignore[has-type]
         end: int = self._FileJournal__currentOffset  # type: ignore[has-type]
         start = end
         for _ in keep:
             start -= struct.unpack_from("<I", mm, start - 4)[0] + 8
-        path = rf._ResizableFile__fileName
+        self._FileJournal__journal = keep
+        self._live_from = start
+        if self._bg is None:
+            self._start_cut()
+        _DurableFileJournal.cuts += 1
+        self._held(time.perf_counter() - t0)
+
+    @staticmethod
+    def _held(seconds: float) -> None:
+        """Count time a cut held the calling (tick) thread."""
+        _DurableFileJournal.cut_seconds += seconds
+        _DurableFileJournal.cut_seconds_max = max(_DurableFileJournal.cut_seconds_max, seconds)
+
+    def _start_cut(self) -> None:
+        end: int = self._FileJournal__currentOffset
+        path: str = self._FileJournal__journalFile._ResizableFile__fileName
         header = self._FileJournal__getDefaultHeader()
-        new_end = _pjournal.FIRST_RECORD_OFFSET + (end - start)
-        header = header[:_pjournal.LAST_RECORD_OFFSET_OFFSET] + struct.pack("<I", new_end)
-        tmp = path + ".cut"
-        with open(tmp, "wb") as out:
-            out.write(header)
-            out.write(memoryview(mm)[start:end])
+        self._bg = _BackgroundCut(path, header, self._live_from, end, self._fsync)
+        self._bg.thread.start()
+
+    def _poll_cut(self) -> bool:
+        """Finish a copied cut; True if this synced the journal."""
+        bg = self._bg
+        if bg is None or not bg.done.is_set():
+            return False
+        return self._finish_cut()
+
+    def _forget_cut(self) -> None:
+        """The file was rewritten from its start: a copy in progress is void."""
+        self._live_from = _pjournal.FIRST_RECORD_OFFSET
+        if self._bg is not None:
+            self._bg.stale = True
+
+    def _finish_cut(self) -> bool:
+        """On the tick thread, once the copy is done: append the records added since,
+        sync, and rename the copy over the journal. True if the journal is synced."""
+        bg, self._bg = self._bg, None
+        assert bg is not None
+        bg.done.wait()
+        t0 = time.perf_counter()
+        end: int = self._FileJournal__currentOffset  # type: ignore[has-type]
+        if bg.error is not None or bg.stale or end < bg.end:
+            with contextlib.suppress(OSError):
+                os.unlink(bg.tmp)
+            if bg.error is not None:  # the next compaction's cut tries again
+                log.warning("journal cut abandoned: %s", bg.error)
+            elif self._live_from > _pjournal.FIRST_RECORD_OFFSET:
+                self._start_cut()  # the log was truncated meanwhile: copy again
+            return False
+        rf: Any = self._FileJournal__journalFile  # type: ignore[has-type]
+        mm = rf._ResizableFile__mm
+        new_end = _pjournal.FIRST_RECORD_OFFSET + (end - bg.start)
+        with open(bg.tmp, "r+b") as out:
+            out.seek(_pjournal.FIRST_RECORD_OFFSET + (bg.end - bg.start))
+            out.write(mm[bg.end:end])
+            out.seek(_pjournal.LAST_RECORD_OFFSET_OFFSET)
+            out.write(struct.pack("<I", new_end))
             out.flush()
             if self._fsync:
                 os.fsync(out.fileno())
         if self._fsync:
-            _durable_replace(tmp, path)
+            _durable_replace(bg.tmp, bg.path)
         else:
-            os.replace(tmp, path)
+            os.replace(bg.tmp, bg.path)
         # The old file is gone: its unwritten pages need no flush.
         mm.close()
         rf._ResizableFile__f.close()
-        self._FileJournal__journalFile = _pjournal.ResizableFile(path)
-        self._FileJournal__journal = keep
+        self._FileJournal__journalFile = _pjournal.ResizableFile(bg.path)
         self._FileJournal__currentOffset = new_end
-        took = time.perf_counter() - t0
-        _DurableFileJournal.cuts += 1
-        _DurableFileJournal.cut_seconds += took
-        _DurableFileJournal.cut_seconds_max = max(_DurableFileJournal.cut_seconds_max, took)
+        self._live_from = _pjournal.FIRST_RECORD_OFFSET + max(0, self._live_from - bg.start)
+        _DurableFileJournal.cut_copy_seconds += bg.seconds
+        self._held(time.perf_counter() - t0)
+        if self._live_from > _pjournal.FIRST_RECORD_OFFSET:
+            self._start_cut()  # cut again while this one was copied
+        return True
+
+    def wait_cut(self) -> None:
+        """Finish the cuts in progress now (before closing): each may start one more
+        (a cut requested or a truncation while it copied), none a third."""
+        while self._bg is not None:
+            self._finish_cut()
 
     @contextlib.contextmanager
     def loading_dump(self) -> Iterator[None]:
@@ -325,6 +432,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
     def _replace_all(self, entries: list[tuple[bytes, int, int]]) -> None:
         """pysyncobj's clear and re-add, as it meant them: the journal is ``entries``."""
         super().clear()
+        self._forget_cut()
         for e in entries:
             super().add(*e)
         self._sync()
@@ -341,8 +449,13 @@ class _DurableFileJournal(_pjournal.FileJournal):
         self._settle()
         super().setRaftCommitIndex(raftCommitIndex)
 
+    def onOneSecondTimer(self) -> None:
+        self._poll_cut()  # an idle log finishes its cut too
+        super().onOneSecondTimer()
+
     def _destroy(self) -> None:
         self._settle()
+        self.wait_cut()
         super()._destroy()
 
 
@@ -1031,10 +1144,11 @@ class ReplicatedLog:
         return _DurableFileJournal.fsync_count, _DurableFileJournal.fsync_seconds
 
     @staticmethod
-    def cut_statistics() -> tuple[int, float, float]:
-        """(journal cuts after compactions, seconds spent in them, the longest one)."""
+    def cut_statistics() -> tuple[int, float, float, float]:
+        """(journal cuts after compactions, seconds they held the tick thread, the
+        longest such hold, seconds of copying off the tick thread)."""
         j = _DurableFileJournal
-        return j.cuts, j.cut_seconds, j.cut_seconds_max
+        return j.cuts, j.cut_seconds, j.cut_seconds_max, j.cut_copy_seconds
 
     @staticmethod
     def rewrite_statistics() -> tuple[int, int, int]:

@@ -45,11 +45,23 @@ if mode == "crash":
         os._exit(9)
 
     raft._DurableFileJournal.deleteEntriesTo = crash
+elif mode == "crash-copying":
+    finish = raft._DurableFileJournal._finish_cut
+
+    def crash_copying(self):
+        beyond[0] = len(self) - 2  # the log holds from the snapshot's last two on
+        if beyond[0] < 3:
+            return finish(self)
+        print(json.dumps({"sessions": len(table.sessions), "after_snapshot": beyond[0]}),
+              flush=True)
+        os._exit(9)
+
+    raft._DurableFileJournal._finish_cut = crash_copying
 cfg = RaftConfig(self_addr=addr, peers=(), data_dir=Path(data_dir), password="test-secret",
                  fsync=True, compaction_entries=40, compaction_seconds=3600)
 log = ReplicatedLog(cfg, table, lambda _i, _b: None)
 deadline = time.monotonic() + 30
-if mode == "crash":
+if mode.startswith("crash"):
     seq = 0
     while time.monotonic() < deadline:
         seq += 1
@@ -78,9 +90,13 @@ def _run(mode: str, data: Path, addr: str) -> dict[str, int]:
     return json.loads(lines[-1])  # type: ignore[no-any-return]
 
 
-def test_a_crash_between_the_snapshot_and_the_cut_loses_no_entry(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["crash", "crash-copying"])
+def test_a_crash_between_the_snapshot_and_the_cut_loses_no_entry(tmp_path: Path,
+                                                                  mode: str) -> None:
+    """``crash``: killed at the cut; ``crash-copying``: killed once the journal's
+    live records were copied off the tick thread, before the copy replaced it."""
     addr = f"127.0.0.1:{free_base_port(1)}"
-    before = _run("crash", tmp_path / "m0", addr)
+    before = _run(mode, tmp_path / "m0", addr)
     assert before["after_snapshot"] >= 3
     after = _run("check", tmp_path / "m0", addr)
     assert after["sessions"] >= before["sessions"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import os
+import random
+import shutil
+import threading
 from pathlib import Path
 
 import pysyncobj.journal as pjournal
@@ -42,6 +45,136 @@ def test_a_cut_keeps_the_rest_in_one_fsynced_write(tmp_path: Path) -> None:
     assert _entries(again) == [*want, (b"after the cut", 301, 7)]
     again._destroy()
     assert not (tmp_path / "raft.journal.cut").exists()
+
+
+class _Gate:
+    """Holds every background copy until opened: the copy's timing, chosen by the test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = threading.Event()
+        copy = raft._BackgroundCut._copy
+
+        def gated(cut: raft._BackgroundCut, header: bytes, fsync: bool) -> None:
+            self.open.wait(10)
+            copy(cut, header, fsync)
+
+        monkeypatch.setattr(raft._BackgroundCut, "_copy", gated)
+
+
+def _on_disk(path: Path) -> list[tuple[bytes, int, int]]:
+    """The records a restart would load (a plain pysyncobj journal on a copy)."""
+    copy = path.with_name("copy.journal")
+    shutil.copyfile(path, copy)
+    j = pjournal.FileJournal(str(copy))
+    try:
+        return _entries(j)
+    finally:
+        j._destroy()
+        copy.unlink()
+
+
+def test_a_cut_leaves_the_copy_to_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cut held the tick thread for 33-107 ms under load (the kept records' copy
+    and fsync); now the entries leave memory at once, the file stays whole (a crash
+    leaves the old journal, which the start-up load cuts) and a thread copies."""
+    gate = _Gate(monkeypatch)
+    path = tmp_path / "raft.journal"
+    j = _journal(path, 300)
+    everything = _entries(j)
+    fsyncs = raft._DurableFileJournal.fsync_count
+    j.deleteEntriesTo(120)
+    assert raft._DurableFileJournal.fsync_count == fsyncs  # nothing synced on this thread
+    assert _entries(j) == everything[120:]
+    j.add(b"while copying", 301, 7)  # synced in the old file
+    assert _on_disk(path) == [*everything, (b"while copying", 301, 7)]
+    gate.open.set()
+    assert j._bg is not None
+    j._bg.done.wait(10)
+    j.add(b"after the copy", 302, 7)  # finishes the cut: the copy replaces the file
+    assert j._bg is None
+    want = [*everything[120:], (b"while copying", 301, 7), (b"after the copy", 302, 7)]
+    assert _on_disk(path) == want
+    j._destroy()
+    assert _entries(_journal(path)) == want
+    assert not (tmp_path / "raft.journal.cut").exists()
+
+
+@pytest.mark.parametrize("meanwhile", ["truncated into the copy", "cleared", "cut again"])
+def test_a_cut_copy_made_void_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        meanwhile: str) -> None:
+    """What changes the copied records while they are copied voids the copy: the
+    file on disk always holds the log in memory, before and after the rename."""
+    gate = _Gate(monkeypatch)
+    path = tmp_path / "raft.journal"
+    j = _journal(path, 200)
+    j.deleteEntriesTo(50)
+    if meanwhile == "truncated into the copy":
+        j.deleteEntriesFrom(100)  # a follower's conflicting suffix
+        j.add(b"other", 151, 9)
+    elif meanwhile == "cleared":
+        j.clear()  # a snapshot installed from the leader
+        j.add(b"a", 300, 9)
+        j.add(b"b", 301, 9)
+    else:
+        j.add(b"more", 201, 9)
+        j.deleteEntriesTo(100)  # a second compaction before the first cut was done
+    gate.open.set()
+    for _ in range(3):  # a voided copy may be started again, once
+        if j._bg is None:
+            break
+        j._bg.done.wait(10)
+        j.onOneSecondTimer()
+    assert j._bg is None
+    want = _entries(j)
+    assert _on_disk(path) == want  # copied again where needed: nothing dead is left
+    j._destroy()
+    assert _entries(_journal(path)) == want
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_file_always_holds_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       seed: int) -> None:
+    """Random appends, truncations, cuts, clears and copies finishing at random
+    points: after every step the file a restart would load ends with exactly the
+    log in memory (anything before it is older than it), and the final reload
+    holds the log."""
+    gate = _Gate(monkeypatch)
+    rnd = random.Random(seed)
+    path = tmp_path / "raft.journal"
+    j = _journal(path, 40)
+    nxt, term = 41, 2
+    for _ in range(80):
+        op = rnd.choice(["add", "add", "add", "truncate", "cut", "clear", "copy", "timer"])
+        n = len(j)
+        if op == "add":
+            for _ in range(rnd.randint(1, 20)):
+                j.add(rnd.randbytes(rnd.randint(1, 300)), nxt, term)
+                nxt += 1
+        elif op == "truncate" and n > 2:
+            keep = rnd.randint(1, n - 1)
+            j.deleteEntriesFrom(keep)
+            nxt, term = j[keep - 1][1] + 1, term + 1
+        elif op == "cut" and n > 2:
+            j.deleteEntriesTo(rnd.randint(1, n - 2))
+        elif op == "clear":
+            j.clear()
+            j.add(b"snapshot-1", nxt, term)
+            j.add(b"snapshot", nxt + 1, term)
+            nxt += 2
+        elif op == "copy" and j._bg is not None:
+            gate.open.set()
+            j._bg.done.wait(10)
+            gate.open.clear()
+        elif op == "timer":
+            j.onOneSecondTimer()
+        mem = _entries(j)
+        disk = _on_disk(path)
+        assert disk[len(disk) - len(mem):] == mem, (seed, op)
+        assert all(e[1] < mem[0][1] for e in disk[:len(disk) - len(mem)]), (seed, op)
+    gate.open.set()
+    want = _entries(j)
+    j._destroy()
+    assert _entries(_journal(path)) == want
 
 
 def test_a_cut_to_nothing_and_a_cut_of_nothing(tmp_path: Path) -> None:
