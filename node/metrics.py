@@ -88,6 +88,8 @@ class _NodeCollector(Collector):
         yield gauge("raft_log_entries", "Entries in the Raft log (since compaction)",
                     raft.log_len)
         yield gauge("raft_has_quorum", "1 if connected to a majority", float(raft.has_quorum))
+        yield counter("raft_compactions", "Log compactions started (snapshot children forked); "
+                      "members take turns", raft.compactions)
         yield gauge("fenced", "1 if this node has stopped serving (no majority)",
                     float(cs.fenced))
         yield gauge("core_queue_depth", "Commands waiting for the next batch", cs.queued)

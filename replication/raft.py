@@ -122,6 +122,8 @@ class RaftStatus:
     connected: tuple[str, ...] = ()
     match_index: dict[str, int] = field(default_factory=dict)
     uptime: int = 0
+    compactions: int = 0  # compaction children started
+    compaction_index: int = 0  # the log index the last one snapshots
     at: float = 0.0  # time.monotonic() when read
 
 
@@ -876,6 +878,7 @@ def _compaction_child() -> None:
 _LEADER = _psyncobj._RAFT_STATE.LEADER
 _apply_log_entries = _psyncobj.SyncObj._SyncObj__applyLogEntries
 _load_dump_file = _psyncobj.SyncObj._SyncObj__loadDumpFile
+_try_log_compaction = _psyncobj.SyncObj._SyncObj__tryLogCompaction
 _REGULAR = _psyncobj._COMMAND_TYPE.REGULAR
 MERGED_ENTRY_BYTES = 1024 * 1024
 """A leader merges batches into one entry only while the entry stays within this
@@ -910,6 +913,33 @@ class _SyncObj(SyncObj):
             return _load_dump_file(self, clearJournal)
         with journal.loading_dump():
             return _load_dump_file(self, clearJournal)
+
+    def _SyncObj__tryLogCompaction(self) -> Any:
+        conf = self._SyncObj__conf
+        conf.logCompactionMinEntries = self._compaction_threshold(conf.sb_compaction_entries)
+        ser = self._SyncObj__serializer
+        before = ser._Serializer__currentID
+        result = _try_log_compaction(self)
+        if ser._Serializer__currentID != before:  # a compaction child was started
+            ser._sb_compactions = (ser._sb_compactions[0] + 1, ser._Serializer__currentID)
+        return result
+
+    def _compaction_threshold(self, every: int) -> int:
+        """Members take turns to compact: the log's indices run in cycles of
+        ``every``, each member's turn is its share of a cycle (by sorted id), and
+        a member compacts once per cycle, in its turn. Left to pysyncobj, all
+        reached the threshold at the same index and forked their compaction
+        children together, and their journal cuts stalled a quorum at once."""
+        me = self._SyncObj__selfNode
+        if me is None:
+            return every
+        ids = sorted([me.id, *(n.id for n in self._SyncObj__otherNodes)])
+        if len(ids) < 2:
+            return every
+        turn = self._SyncObj__raftLastApplied * len(ids) // every % len(ids)
+        if turn == ids.index(me.id):
+            return every // 2  # a cycle since the last: the log is about ``every`` long
+        return 2 * every  # missed turns (a snapshot install, say): compact anyway
 
     def _SyncObj__applyLogEntries(self) -> Any:
         # A leader whose entry just committed sends the next one before applying,
@@ -1036,6 +1066,7 @@ class ReplicatedLog:
             sendBufferSize=PEER_SOCKET_BUFFER,
             recvBufferSize=PEER_SOCKET_BUFFER,
         )
+        conf.sb_compaction_entries = config.compaction_entries  # _SyncObj's turns
         self._consumer = _TableConsumer(self.applier, on_applied, on_restored)
         self._status = RaftStatus()
         self._status_lock = threading.Lock()
@@ -1046,6 +1077,7 @@ class ReplicatedLog:
         sync = self._sync
         self._consumer._index_of = lambda: sync.raftLastApplied + 1
         sync._SyncObj__serializer._sb_applied = lambda: sync.raftLastApplied
+        sync._SyncObj__serializer._sb_compactions = (0, 0)  # (started, the last one's index)
         sync.addOnTickCallback(self._on_tick)
 
     # --- commands ---------------------------------------------------------------
@@ -1121,6 +1153,7 @@ class ReplicatedLog:
             if st.get("partner_node_status_server_" + a) == 2
         )
         match = {a: st.get("match_idx_server_" + a, 0) for a in members}
+        compactions, compaction_index = self._sync._SyncObj__serializer._sb_compactions
         status = RaftStatus(
             role=ROLES.get(st["state"], "unknown"),
             leader=leader.address if leader is not None else None,
@@ -1133,6 +1166,8 @@ class ReplicatedLog:
             connected=connected,
             match_index=match,
             uptime=st["uptime"],
+            compactions=compactions,
+            compaction_index=compaction_index,
             at=now,
         )
         with self._status_lock:
