@@ -136,6 +136,21 @@ def _same_entry(have: Any, entry: tuple[bytes, int, int]) -> bool:
     return bool(have[1] == idx and have[2] == term and bytes(have[0]) == bytes(command))
 
 
+def _retire(mm: Any, f: Any) -> None:
+    """Close a replaced journal file, freeing its blocks a few MiB at a time: its
+    last close would free them all in one go (19 ms for 64 MiB here), holding up
+    the live journal's fsyncs on the same file system."""
+    with contextlib.suppress(Exception):
+        mm.close()
+        size = os.fstat(f.fileno()).st_size
+        while size > 0:
+            size = max(0, size - (4 << 20))
+            os.ftruncate(f.fileno(), size)
+            time.sleep(0.001)
+    with contextlib.suppress(Exception):
+        f.close()
+
+
 class _BackgroundCut:
     """The bulk of a journal cut, off the tick thread: a thread copies the live
     records ``[start, end)`` of the journal file into ``<journal>.cut`` after a
@@ -376,8 +391,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
         else:
             os.replace(bg.tmp, bg.path)
         # The old file is gone: its unwritten pages need no flush.
-        mm.close()
-        rf._ResizableFile__f.close()
+        threading.Thread(target=_retire, args=(mm, rf._ResizableFile__f),
+                         name="journal-close", daemon=True).start()
         self._FileJournal__journalFile = _pjournal.ResizableFile(bg.path)
         self._FileJournal__currentOffset = new_end
         self._live_from = _pjournal.FIRST_RECORD_OFFSET + max(0, self._live_from - bg.start)
