@@ -283,6 +283,7 @@ NODE_COUNTERS = {
     "refused_fenced_total", "protocol_errors_total", "session_expiries_total",
     "journal_fsyncs_total", "journal_fsync_seconds_total", "mailbox_messages",
     "sessions", "sessions_orphaned", "journal_cuts_total", "journal_cut_seconds_max",
+    "compaction_start_seconds_max",
     *(f"gc_pause_seconds_max_gen{g}" for g in range(3)),
 }
 

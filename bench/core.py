@@ -380,6 +380,7 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
         "node counters after the run", ["node", "term", "batches", "commands", "retries",
                                         "timeouts", "fenced refusals", "dropped slow",
                                         "journal fsyncs", "journal cuts (longest ms)",
+                                        "longest fork ms",
                                         "longest gc ms, gen 0/1/2"],
         [[nid + (" (leader)" if nid == res.get("leader_at_end") else ""),
           f"{c.get('raft_term', 0):.0f}", f"{c.get('batches_committed', 0):.0f}",
@@ -387,6 +388,7 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
           f"{c.get('request_timeouts', 0):.0f}", f"{c.get('refused_fenced', 0):.0f}",
           f"{c.get('clients_dropped_slow', 0):.0f}", f"{c.get('journal_fsyncs', 0):.0f}",
           f"{c.get('journal_cuts', 0):.0f} ({1000 * c.get('journal_cut_seconds_max', 0):.0f})",
+          f"{1000 * c.get('compaction_start_seconds_max', 0):.0f}",
           "/".join(f"{1000 * c.get(f'gc_pause_seconds_max_gen{g}', 0):.0f}" for g in range(3))]
          for nid, c in res.get("node_counters", {}).items()]))
     con.print(f"nodes fenced themselves {res['fenced_events']} times; pysyncobj logged "

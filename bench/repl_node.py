@@ -62,9 +62,11 @@ def _journal_stats() -> dict[str, Any]:
 
     fs, fsec = ReplicatedLog.fsync_statistics()
     cuts, cut_s, cut_max, cut_copy = ReplicatedLog.cut_statistics()
+    starts, _start_s, start_max = ReplicatedLog.compaction_statistics()
     return {"fsyncs": fs, "fsync_seconds": round(fsec, 3), "journal_cuts": cuts,
             "journal_cut_seconds": round(cut_s, 3), "journal_cut_max_ms": round(cut_max * 1000, 1),
-            "journal_cut_copy_seconds": round(cut_copy, 3)}
+            "journal_cut_copy_seconds": round(cut_copy, 3),
+            "compaction_starts": starts, "compaction_start_max_ms": round(start_max * 1000, 1)}
 
 
 class FsmServer:

@@ -470,7 +470,8 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
                   if s.get("resent_identical_skipped")}
         batches = max((s.get("batches_applied", 0) for s in st.values()), default=0)
         cuts = {n: f"{s['journal_cuts']} (held max {s['journal_cut_max_ms']:.0f} ms, "
-                   f"copied off-thread {1000 * s.get('journal_cut_copy_seconds', 0):.0f} ms)"
+                   f"copied off-thread {1000 * s.get('journal_cut_copy_seconds', 0):.0f} ms; "
+                   f"fork max {s.get('compaction_start_max_ms', 0):.0f} ms)"
                 for n, s in st.items() if s.get("journal_cuts")}
         gcs = {n: "/".join(f"{g['longest_ms']:.0f}" for g in s["gc"])
                for n, s in st.items() if s.get("gc")}

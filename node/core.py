@@ -87,6 +87,7 @@ class CoreStats:
     fsync_seconds: float = 0.0
     rewrites: tuple[int, int, int] = (0, 0, 0)
     cuts: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
+    compaction_starts: tuple[int, float, float] = (0, 0.0, 0.0)
     gc: list[collector.Pauses] = field(default_factory=list)
     raft: RaftStatus = field(default_factory=RaftStatus)
 
@@ -557,6 +558,7 @@ class Core:
         st.fsyncs, st.fsync_seconds = ReplicatedLog.fsync_statistics()
         st.rewrites = ReplicatedLog.rewrite_statistics()
         st.cuts = ReplicatedLog.cut_statistics()
+        st.compaction_starts = ReplicatedLog.compaction_statistics()
         st.gc = collector.pause_meter().statistics()
         if self.log is not None:
             st.raft = self.log.status()

@@ -118,6 +118,11 @@ class _NodeCollector(Collector):
                     "thread at once", cut_max)
         yield counter("journal_cut_copy_seconds", "Time spent copying the kept entries, "
                       "off the Raft thread", cut_copy)
+        _starts, start_seconds, start_max = cs.compaction_starts
+        yield counter("compaction_start_seconds", "Time compaction starts (the fork of the "
+                      "snapshot child) held the Raft thread", start_seconds)
+        yield gauge("compaction_start_seconds_max", "The longest a compaction start held the "
+                    "Raft thread", start_max)
         collections = CounterMetricFamily("switchboard_gc_collections", "Garbage collections "
                                           "of the node process", labels=["generation"])
         paused = CounterMetricFamily("switchboard_gc_pause_seconds", "Time the node process "

@@ -877,6 +877,14 @@ class _TableConsumer(SyncObjConsumer):
             self._apply(index, blob)
 
 
+class _CompactionStarts:
+    """This process's compaction starts: the fork of the child holds the tick thread."""
+
+    count = 0
+    seconds = 0.0
+    seconds_max = 0.0
+
+
 def _compaction_child() -> None:
     """In a forked compaction child: die if the node dies, never outlive it; and
     collect no garbage: a collection walks the whole inherited heap, copying
@@ -934,9 +942,14 @@ class _SyncObj(SyncObj):
         conf.logCompactionMinEntries = self._compaction_threshold(conf.sb_compaction_entries)
         ser = self._SyncObj__serializer
         before = ser._Serializer__currentID
+        t0 = time.perf_counter()
         result = _try_log_compaction(self)
-        if ser._Serializer__currentID != before:  # a compaction child was started
+        if ser._Serializer__currentID != before:  # a compaction child was forked
+            took = time.perf_counter() - t0
             ser._sb_compactions = (ser._sb_compactions[0] + 1, ser._Serializer__currentID)
+            _CompactionStarts.count += 1
+            _CompactionStarts.seconds += took
+            _CompactionStarts.seconds_max = max(_CompactionStarts.seconds_max, took)
         return result
 
     def _compaction_threshold(self, every: int) -> int:
@@ -1199,6 +1212,13 @@ class ReplicatedLog:
         longest such hold, seconds of copying off the tick thread)."""
         j = _DurableFileJournal
         return j.cuts, j.cut_seconds, j.cut_seconds_max, j.cut_copy_seconds
+
+    @staticmethod
+    def compaction_statistics() -> tuple[int, float, float]:
+        """(compactions started by this process, seconds their starts, the fork of
+        the child above all, held the tick thread, the longest such start)."""
+        c = _CompactionStarts
+        return c.count, c.seconds, c.seconds_max
 
     @staticmethod
     def rewrite_statistics() -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ import pytest
 
 from replication.batch import encode_batch
 from replication.commands import Noop
+from replication.raft import ReplicatedLog
 
 from .raftgroup import leader_of, raft_group
 
@@ -24,6 +25,7 @@ EVERY = 240  # compaction_entries: a member's turn is 80 indices of each 240
 
 
 def test_members_compact_in_turns(tmp_path: Path) -> None:
+    started_before = ReplicatedLog.compaction_statistics()[0]
     with raft_group(tmp_path, fsync=True, compaction_entries=EVERY,
                     compaction_seconds=3600) as logs:
         leader = logs[leader_of(logs)]
@@ -40,6 +42,8 @@ def test_members_compact_in_turns(tmp_path: Path) -> None:
                 if st.compactions > len(starts[k]):
                     starts[k].append(st.compaction_index)
         members = logs[0].status().members
+    # the process's compaction starts, timed (three members in this process)
+    assert ReplicatedLog.compaction_statistics()[0] - started_before >= 9
     for k, lg in enumerate(logs):
         turn = members.index(lg.config.self_addr)
         # each in its own turn (the snapshot ends one before the applied index),
