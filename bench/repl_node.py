@@ -297,6 +297,7 @@ class Proposer:
         self.seq = 0
         self.measuring = False
         self.lat: list[float] = []
+        self.slow: list[tuple[float, float, int]] = []  # (monotonic, worst s, commands)
         self.committed = 0
         self.batch_sizes: list[int] = []
         self.errors: dict[str, int] = {}
@@ -346,6 +347,8 @@ class Proposer:
                 if self.measuring:
                     if ok:
                         self.lat.extend(now - t for t in times)
+                        if now - times[0] >= SLOW:
+                            self.slow.append((time.monotonic(), now - times[0], len(times)))
                         self.committed += len(times)
                         self.batch_sizes.append(len(times))
                     else:
@@ -368,12 +371,17 @@ class Proposer:
         return dropped
 
 
+SLOW = 0.010
+"""A batch whose oldest command waited this long is listed with its time."""
+
+
 def run_phase(p: Proposer, w: Workload, rate: float | None, seconds: float,
               warmup: float) -> dict[str, Any]:
     """Offer ``rate`` commands/s (None: as fast as they commit) for ``seconds``,
     measuring after ``warmup``; commands are stamped with their scheduled time."""
     with p.lock:
         p.lat, p.committed, p.batch_sizes, p.errors, p.failed_batches = [], 0, [], {}, 0
+        p.slow = []
         p.measuring = False
     gc.collect()
     t_start = time.perf_counter()
@@ -383,6 +391,7 @@ def run_phase(p: Proposer, w: Workload, rate: float | None, seconds: float,
     measuring = False
     cpu0 = os.times()
     t0 = t_start
+    t0_monotonic = time.monotonic()
     lag_max = 0.0
     make: Callable[[float], Command | None] = (
         (lambda _now: None) if p.prebuilt is not None else w.next)
@@ -393,6 +402,7 @@ def run_phase(p: Proposer, w: Workload, rate: float | None, seconds: float,
                 p.measuring = True
             measuring = True
             t0 = now
+            t0_monotonic = time.monotonic()
             cpu0 = os.times()
         if now >= t_end:
             break
@@ -419,6 +429,7 @@ def run_phase(p: Proposer, w: Workload, rate: float | None, seconds: float,
         sizes = p.batch_sizes
         errors = dict(p.errors)
         failed = p.failed_batches
+        slow = [(round(t - t0_monotonic, 4), round(w * 1000, 1), n) for t, w, n in p.slow]
     cpu1 = os.times()
     queued = len(p.queue)
     dropped = p.drain(15.0, discard=True)
@@ -431,6 +442,8 @@ def run_phase(p: Proposer, w: Workload, rate: float | None, seconds: float,
         "batch_max": max(sizes) if sizes else 0,
         "errors": errors, "failed_batches": failed,
         "generator_lag_max_ms": lag_max * 1000,
+        "t0_monotonic": t0_monotonic,
+        "slow_batches": slow[:500],
         "leader_cpu_cores": ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / span
         if span > 0 else 0.0,
     }
@@ -538,9 +551,15 @@ def main(argv: list[str] | None = None) -> int:
                                 float(req["seconds"]), float(req["warmup"])))
             elif op == "stats":
                 gcs = collector.pause_meter().statistics()
+                from replication.raft import ReplicatedLog
+                holds = [(t, kind, round(sec * 1000, 1))
+                         for t, kind, sec in ReplicatedLog.recent_holds()]
+                pauses = [(t, f"gc{gen}", round(sec * 1000, 1))
+                          for t, gen, sec in collector.pause_meter().long_pauses()]
                 reply({**server.stats(),
                        "gc": [{"count": g.count, "seconds": round(g.seconds, 3),
-                               "longest_ms": round(g.longest * 1000, 1)} for g in gcs]})
+                               "longest_ms": round(g.longest * 1000, 1)} for g in gcs],
+                       "events": sorted(holds + pauses)})
             elif op == "digest":
                 reply(quiet_digest(server, float(req.get("timeout", 10))))
             elif op == "quit":

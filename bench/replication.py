@@ -225,6 +225,7 @@ def run_config(opts: Options, plan: Plan, config: str, run: int, prog: Any,
         out["leader_still"] = g.wait_leader(10) == g.leader
         out["replicas"] = g.compare()
         out["stats"] = {p.name: p.call({"op": "stats"}, 10) for p in g.procs}
+        out["stalls"] = stalls(out, list(plan.rates))
         out["log_lines"] = g.logs()
     out["seconds"] = time.monotonic() - t_start
     return out
@@ -427,6 +428,37 @@ def run(opts: Options) -> dict[str, Any]:
     return res
 
 
+def stalls(run: dict[str, Any], rates: list[float], gap: float = 0.1,
+           before: float = 0.5) -> list[dict[str, Any]]:
+    """The leader's slow batches (oldest command waited 10 ms or more) of each rate
+    phase, grouped into bursts (``gap`` s apart at least), each with the
+    members' tick-thread holds (compaction fork, journal cut) and collections
+    of 5 ms or more that began from ``before`` s ahead of the burst to its end."""
+    events = [(t, name, kind, ms) for name, st in run.get("stats", {}).items()
+              for t, kind, ms in st.get("events", [])]
+    out: list[dict[str, Any]] = []
+    for rate in rates:
+        p = run.get(f"{int(rate)}", {})
+        slow, t0 = p.get("slow_batches") or [], p.get("t0_monotonic")
+        if t0 is None:
+            continue
+        bursts: list[list[Any]] = []
+        for t, worst, n in slow:
+            if bursts and t - bursts[-1][1] <= gap:
+                b = bursts[-1]
+                b[1], b[2], b[3] = t, max(b[2], worst), b[3] + n
+            else:
+                bursts.append([t, t, worst, n])
+        for start, end, worst, n in bursts:
+            near = [{"member": name, "kind": kind, "ms": ms,
+                     "at_ms": round((t - t0 - start) * 1000)}
+                    for t, name, kind, ms in sorted(events)
+                    if start - before <= t - t0 <= end]
+            out.append({"rate": rate, "at_s": round(start, 2), "worst_ms": worst,
+                        "commands": n, "near": near})
+    return out
+
+
 def _print(opts: Options, res: dict[str, Any]) -> None:
     con = opts.console
     rows = []
@@ -483,6 +515,12 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
                   f"generation 0/1/2, ms {gcs or '-'}; re-sent entries followers "
                   f"skipped {resent or '-'}; helper log "
                   f"lines {r['log_lines'] or 'none'}{extra}")
+        worst = sorted(stalls(r, res["plan"]["rates"]), key=lambda b: -b["worst_ms"])[:4]
+        for b in worst:
+            near = ", ".join(f"{e['member']} {e['kind']} {e['ms']:.0f} ms at {e['at_ms']:+d} ms"
+                             for e in b["near"]) or "no fork, cut or collection of 5 ms or more"
+            con.print(f"  stall at {fmt_rate(b['rate'])}/s, {b['at_s']:.2f} s into the phase: "
+                      f"worst {b['worst_ms']:.0f} ms, {b['commands']} commands; near: {near}")
     u = res["unit_costs"]
     con.print("per-command cost in one process (µs): generate {:.1f}, encode {:.1f}, apply on "
               "the leader {:.1f}, on a follower {:.1f}; {:.0f} bytes per command in a batch"

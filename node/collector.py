@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,23 +52,34 @@ class PauseMeter:
     holds the GIL, so the Raft thread and the Trio thread both wait it out."""
 
     generations: list[Pauses] = field(default_factory=lambda: [Pauses() for _ in range(3)])
+    long: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=256))
+    """The latest collections of ``LONG`` seconds or more: (time.monotonic() at the
+    start, generation, seconds), to set beside latency spikes."""
     _started: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    LONG = 0.005
+
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started = time.monotonic()
             return
-        took = time.perf_counter() - self._started
+        took = time.monotonic() - self._started
         with self._lock:
             g = self.generations[info["generation"]]
             g.count += 1
             g.seconds += took
             g.longest = max(g.longest, took)
+            if took >= self.LONG:
+                self.long.append((self._started, info["generation"], took))
 
     def statistics(self) -> list[Pauses]:
         with self._lock:
             return [Pauses(g.count, g.seconds, g.longest) for g in self.generations]
+
+    def long_pauses(self) -> list[tuple[float, int, float]]:
+        with self._lock:
+            return list(self.long)
 
 
 _meter: PauseMeter | None = None

@@ -318,7 +318,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
         self._settle()
         if entryTo <= 0:
             return
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         entries: list[Any] = self._FileJournal__journal  # type: ignore[has-type]
         keep = entries[entryTo:]
         mm = self._FileJournal__journalFile._ResizableFile__mm  # type: ignore[has-type]
@@ -331,11 +331,13 @@ class _DurableFileJournal(_pjournal.FileJournal):
         if self._bg is None:
             self._start_cut()
         _DurableFileJournal.cuts += 1
-        self._held(time.perf_counter() - t0)
+        self._held(t0, "cut")
 
     @staticmethod
-    def _held(seconds: float) -> None:
-        """Count time a cut held the calling (tick) thread."""
+    def _held(t0: float, kind: str) -> None:
+        """Count time a cut held the calling (tick) thread since ``t0``."""
+        seconds = time.monotonic() - t0
+        _events.append((t0, kind, seconds))
         _DurableFileJournal.cut_seconds += seconds
         _DurableFileJournal.cut_seconds_max = max(_DurableFileJournal.cut_seconds_max, seconds)
 
@@ -365,7 +367,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
         bg, self._bg = self._bg, None
         assert bg is not None
         bg.done.wait()
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         end: int = self._FileJournal__currentOffset  # type: ignore[has-type]
         if bg.error is not None or bg.stale or end < bg.end:
             with contextlib.suppress(OSError):
@@ -397,7 +399,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
         self._FileJournal__currentOffset = new_end
         self._live_from = _pjournal.FIRST_RECORD_OFFSET + max(0, self._live_from - bg.start)
         _DurableFileJournal.cut_copy_seconds += bg.seconds
-        self._held(time.perf_counter() - t0)
+        self._held(t0, "cut-finish")
         if self._live_from > _pjournal.FIRST_RECORD_OFFSET:
             self._start_cut()  # cut again while this one was copied
         return True
@@ -885,6 +887,12 @@ class _CompactionStarts:
     seconds_max = 0.0
 
 
+_events: deque[tuple[float, str, float]] = deque(maxlen=256)
+"""This process's latest holds of a tick thread by compaction: (time.monotonic()
+at the start, "fork" / "cut" / "cut-finish", seconds), to set beside latency
+spikes."""
+
+
 def _compaction_child() -> None:
     """In a forked compaction child: die if the node dies, never outlive it; and
     collect no garbage: a collection walks the whole inherited heap, copying
@@ -942,10 +950,11 @@ class _SyncObj(SyncObj):
         conf.logCompactionMinEntries = self._compaction_threshold(conf.sb_compaction_entries)
         ser = self._SyncObj__serializer
         before = ser._Serializer__currentID
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         result = _try_log_compaction(self)
         if ser._Serializer__currentID != before:  # a compaction child was forked
-            took = time.perf_counter() - t0
+            took = time.monotonic() - t0
+            _events.append((t0, "fork", took))
             ser._sb_compactions = (ser._sb_compactions[0] + 1, ser._Serializer__currentID)
             _CompactionStarts.count += 1
             _CompactionStarts.seconds += took
@@ -1219,6 +1228,12 @@ class ReplicatedLog:
         the child above all, held the tick thread, the longest such start)."""
         c = _CompactionStarts
         return c.count, c.seconds, c.seconds_max
+
+    @staticmethod
+    def recent_holds() -> list[tuple[float, str, float]]:
+        """This process's latest compaction holds of the tick thread: (time.monotonic()
+        at the start, "fork" / "cut" / "cut-finish", seconds)."""
+        return list(_events)
 
     @staticmethod
     def rewrite_statistics() -> tuple[int, int, int]:
