@@ -947,7 +947,11 @@ class _SyncObj(SyncObj):
 
     def _SyncObj__tryLogCompaction(self) -> Any:
         conf = self._SyncObj__conf
-        conf.logCompactionMinEntries = self._compaction_threshold(conf.sb_compaction_entries)
+        every = conf.sb_compaction_entries
+        # Runs at every tick: the turn matters only once the log is half a cycle long.
+        conf.logCompactionMinEntries = (
+            every if len(self._SyncObj__raftLog) <= every // 2
+            else self._compaction_threshold(every))
         ser = self._SyncObj__serializer
         before = ser._Serializer__currentID
         t0 = time.monotonic()
