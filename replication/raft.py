@@ -716,6 +716,25 @@ def _durable_replace(src: str, dst: str) -> None:
 
 _pserializer.atomicReplace = _durable_replace
 
+
+SNAPSHOT_GZIP_LEVEL = 1
+
+
+class _SnapshotGzip:
+    """pysyncobj's serializer's ``gzip``, writing at level 1 instead of 9: the
+    compaction child spends a fifth of the CPU on it (0.008 s against 0.05 s for a
+    1.2 MB table snapshot here) for a file about a tenth bigger; every level reads
+    back the same way."""
+
+    @staticmethod
+    def GzipFile(*args: Any, **kwargs: Any) -> gzip.GzipFile:
+        if "w" in str(kwargs.get("mode", "")):
+            kwargs.setdefault("compresslevel", SNAPSHOT_GZIP_LEVEL)
+        return gzip.GzipFile(*args, **kwargs)
+
+
+_pserializer.gzip = _SnapshotGzip
+
 stale_compactions = 0
 """Own compactions abandoned because a leader's snapshot was installed meanwhile."""
 _orig_set_transmission = _pserializer.Serializer.setTransmissionData
