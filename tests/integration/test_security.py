@@ -196,20 +196,25 @@ async def test_rogue_peers_cannot_join_inject_or_read(make_cluster: Callable[...
 # --- limits ----------------------------------------------------------------------------------
 
 
+async def _third_session_refused(c: Cluster, user: str) -> None:
+    """Two sessions of ``user`` (on two nodes) are allowed, a third (on the third) not."""
+    n = c.client_addresses()
+    async with client.connect(n[:1], user=user, token=c.token(user)), \
+            client.connect(n[1:2], user=user, token=c.token(user)):
+        with pytest.raises(client.SwitchboardError) as e:
+            async with client.connect(n[2:], user=user, token=c.token(user)):
+                pass
+        assert e.value.code == "limit"
+
+
 async def test_limits_are_in_force_once_the_cluster_is_ready(tmp_path: Path) -> None:
     """The per-user limits come from the leader's flags through the log: a cluster
     that says it is ready must already enforce them, on every node."""
     c = Cluster(tmp_path, 3, "127.0.0.1", free_base_port(3), [*TEST_NODE_ARGS, *LIMITS])
     try:
         await trio.to_thread.run_sync(lambda: c.start(timeout=60))
-        n = c.client_addresses()
         with trio.fail_after(30):
-            async with client.connect(n[:1], user="early", token=c.token("early")), \
-                    client.connect(n[1:2], user="early", token=c.token("early")):
-                with pytest.raises(client.SwitchboardError) as e:
-                    async with client.connect(n[2:], user="early", token=c.token("early")):
-                        pass
-                assert e.value.code == "limit"
+            await _third_session_refused(c, "early")
             statuses = await trio.to_thread.run_sync(c.statuses)
         for st in statuses.values():
             assert st is not None and not st["limits_pending"]
@@ -220,14 +225,8 @@ async def test_limits_are_in_force_once_the_cluster_is_ready(tmp_path: Path) -> 
 
 
 async def test_sessions_per_user_limit(limited: Cluster) -> None:
-    n = limited.client_addresses()
     with trio.fail_after(30):
-        async with client.connect(n[:1], user="sam", token=limited.token("sam")), \
-                client.connect(n[1:2], user="sam", token=limited.token("sam")):
-            with pytest.raises(client.SwitchboardError) as e:
-                async with client.connect(n[2:], user="sam", token=limited.token("sam")):
-                    pass
-            assert e.value.code == "limit"
+        await _third_session_refused(limited, "sam")
 
 
 async def test_allow_and_subscription_limits(limited: Cluster) -> None:
