@@ -513,19 +513,18 @@ class Core:
             nonlocal configuring
             configuring = False
 
-        want = self.wanted_limits
-        first = True
+        # The first pass does not wait: limits set by flags take force as soon as
+        # this node leads, before the cluster reports itself ready.
+        delay = 0.0
         while True:
-            # The first pass does not sleep: limits set by flags take force as soon
-            # as this node leads, before the cluster reports itself ready.
-            if not first:
-                await trio.sleep(interval)
-            first = False
+            await trio.sleep(delay)
+            delay = interval
             if self.log.status().role != "leader":
                 last = None
                 continue
-            if self.table.user_limits != want and not configuring:
+            if self.limits_pending() and not configuring:
                 configuring = True
+                want = self.wanted_limits
                 self.submit(Configure(want.sessions_per_user, want.allow_list,
                                       want.subscriptions, want.mailbox), configured,
                             timeout=5, keep=False)
