@@ -118,6 +118,16 @@ class _NodeCollector(Collector):
                     "thread at once", cut_max)
         yield counter("journal_cut_copy_seconds", "Time spent copying the kept entries, "
                       "off the Raft thread", cut_copy)
+        sends, skipped_sends, skipped_answers, peer_frames = cs.append_sends
+        yield counter("raft_messages_sent", "Messages sent to the other Raft members",
+                      peer_frames)
+        yield counter("append_sends", "Rounds of append-entries messages the node sent its "
+                      "followers as leader", sends)
+        yield counter("append_sends_skipped", "Rounds of append-entries messages not sent "
+                      "(each follower already had every entry and the commit index)",
+                      skipped_sends)
+        yield counter("append_answers_skipped", "Answers to the leader not sent as follower "
+                      "(a repeat of the answer sent a moment before)", skipped_answers)
         _starts, start_seconds, start_max = cs.compaction_starts
         yield counter("compaction_start_seconds", "Time compaction starts (the fork of the "
                       "snapshot child) held the Raft thread", start_seconds)

@@ -626,6 +626,9 @@ class PeerCipher:
         return plain
 
 
+sent_peer_frames = 0
+"""Messages this process sent to Raft peers (every member in the process)."""
+
 early_peer_frames = 0
 """Messages dropped because their link was still opening: pysyncobj sends on a
 connected socket before the link's random keys are exchanged (a vote request,
@@ -633,7 +636,7 @@ say). Raft re-sends what it needs; pysyncobj's own framing broke the link."""
 
 
 def _peer_send(self: Any, message: Any) -> None:
-    global early_peer_frames
+    global early_peer_frames, sent_peer_frames
     if self.sendRandKey:
         message = (self.sendRandKey, message)
     data = _ptcp.pickle.dumps(message)
@@ -645,6 +648,7 @@ def _peer_send(self: Any, message: Any) -> None:
             return
         data = sealed
     self._TcpConnection__writeBuffer += struct.pack("i", len(data)) + data
+    sent_peer_frames += 1
     self._TcpConnection__trySendBuffer()
 
 
@@ -898,6 +902,15 @@ class _TableConsumer(SyncObjConsumer):
             self._apply(index, blob)
 
 
+class _AppendEntriesSends:
+    """This process's leader sends: pysyncobj's sends carried out, and those
+    skipped because they would have told the followers nothing new."""
+
+    sent = 0
+    skipped = 0
+    answers_skipped = 0  # as a follower
+
+
 class _CompactionStarts:
     """This process's compaction starts: the fork of the child holds the tick thread."""
 
@@ -929,6 +942,8 @@ _LEADER = _psyncobj._RAFT_STATE.LEADER
 _apply_log_entries = _psyncobj.SyncObj._SyncObj__applyLogEntries
 _load_dump_file = _psyncobj.SyncObj._SyncObj__loadDumpFile
 _try_log_compaction = _psyncobj.SyncObj._SyncObj__tryLogCompaction
+_send_append_entries = _psyncobj.SyncObj._SyncObj__sendAppendEntries
+_send_next_node_idx = _psyncobj.SyncObj._SyncObj__sendNextNodeIdx
 _REGULAR = _psyncobj._COMMAND_TYPE.REGULAR
 MERGED_ENTRY_BYTES = 1024 * 1024
 """A leader merges batches into one entry only while the entry stays within this
@@ -951,11 +966,72 @@ class _SyncObj(SyncObj):
       leader applies that one, so replication overlaps the leader's apply.
     - The leader fsyncs new entries after sending them, so its fsync overlaps the
       followers'.
+    - No commit-only message right behind an entry that already carried that
+      commit index (``_SyncObj__sendAppendEntries``), and no repeated answer to a
+      commit-only message (``_SyncObj__sendNextNodeIdx``).
 
     A subclass, not attributes set on the instance: pysyncobj pickles every
     attribute added after its constructor into each snapshot, and a function
     there makes every compaction fail.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # Set before the base constructor, so that pysyncobj does not take it for
+        # replicated state and pickle it into snapshots.
+        self._sb_told: tuple[int, int, int, frozenset[Any]] | None = None
+        self._sb_answered: dict[Any, tuple[int, int, float]] = {}
+        super().__init__(*args, **kwargs)
+
+    def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
+                                  nextNodeIdx: int | None = None, success: bool = False) -> None:
+        """pysyncobj's answer to the leader, less the answers that tell it nothing new.
+
+        A follower answers every append-entries message; the answer to a
+        commit-only message (the leader telling which entries committed) repeats
+        the one it sent for the entries a moment before. Such a repeat, in the
+        same term and within half an append-entries period of the last answer
+        sent, is skipped: the leader already has it, and heartbeats, further
+        apart, are still answered (the leader counts them to stay leader).
+        """
+        if success and not reset and nextNodeIdx is not None:
+            now = _psyncobj.monotonicTime()
+            term = self._SyncObj__raftCurrentTerm
+            last = self._sb_answered.get(node)
+            if (last is not None and last[0] == term and last[1] == nextNodeIdx
+                    and now - last[2] < self._SyncObj__conf.appendEntriesPeriod / 2):
+                _AppendEntriesSends.answers_skipped += 1
+                return
+            self._sb_answered[node] = (term, nextNodeIdx, now)
+        _send_next_node_idx(self, node, reset, nextNodeIdx, success)
+
+    def _SyncObj__sendAppendEntries(self) -> None:
+        """pysyncobj's send, less the messages that tell nothing new.
+
+        pysyncobj sends every follower at least one message per call. After an
+        entry commits, the leader sends the next entry (which carries the new
+        commit index) before applying, and the apply asked for another send: a
+        message with no entries and the same commit index, which each follower
+        decoded and answered, doubling the messages per entry under load. That
+        send is skipped when every connected follower has been sent every entry
+        and this commit index in this term, and no heartbeat is due.
+        """
+        told = self._sb_told
+        if told is not None and _psyncobj.monotonicTime() <= self._SyncObj__newAppendEntriesTime:
+            last = self._SyncObj__getCurrentLogIndex()
+            connected = self._SyncObj__connectedNodes
+            next_index = self._SyncObj__raftNextIndex
+            if (told[0] == self._SyncObj__raftCommitIndex and told[1] == last
+                    and told[2] == self._SyncObj__raftCurrentTerm and told[3] == connected
+                    and all(next_index.get(node, 0) > last
+                            for node in self._SyncObj__otherNodes | self._SyncObj__readonlyNodes
+                            if node in connected)):
+                _AppendEntriesSends.skipped += 1
+                return
+        _send_append_entries(self)
+        _AppendEntriesSends.sent += 1
+        self._sb_told = (self._SyncObj__raftCommitIndex, self._SyncObj__getCurrentLogIndex(),
+                         self._SyncObj__raftCurrentTerm,
+                         frozenset(self._SyncObj__connectedNodes))
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> Any:
         journal = self._SyncObj__raftLog
@@ -1251,6 +1327,14 @@ class ReplicatedLog:
         the child above all, held the tick thread, the longest such start)."""
         c = _CompactionStarts
         return c.count, c.seconds, c.seconds_max
+
+    @staticmethod
+    def send_statistics() -> tuple[int, int, int, int]:
+        """(pysyncobj append-entries sends carried out by this process as leader,
+        sends skipped as telling the followers nothing new, answers to the
+        leader skipped as follower for the same reason, messages sent to peers)."""
+        a = _AppendEntriesSends
+        return a.sent, a.skipped, a.answers_skipped, sent_peer_frames
 
     @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:

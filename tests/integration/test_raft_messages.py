@@ -1,0 +1,146 @@
+"""Raft messages per committed entry: three real ``ReplicatedLog`` members on
+loopback.
+
+pysyncobj's leader sends every follower at least one message each time it is
+asked to send, and a follower answers every message. After an entry commits the
+leader sent the next entry (carrying the new commit index) and then, for the
+apply, a commit-only message telling the same; and the followers' answers to a
+commit-only message repeated the answers to the entry before it. That was 8
+messages per entry (2 entries out, 2 commit-only out, 4 answers back); the
+commit-only messages are now sent only when they tell something new, and
+repeated answers are not sent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import replication.raft as raft
+from replication.batch import AppliedBatch, encode_batch
+from replication.commands import Noop
+from replication.raft import ReplicatedLog
+
+from .raftgroup import leader_of, raft_group
+
+pytestmark = [pytest.mark.integration]
+
+
+class Applied:
+    """Every member's last applied log index, and a wait for all to reach one."""
+
+    def __init__(self) -> None:
+        self.index = [0, 0, 0]
+        self.changed = threading.Condition()
+
+    def callback(self, k: int):  # type: ignore[no-untyped-def]
+        def on_applied(index: int, _batch: AppliedBatch) -> None:
+            with self.changed:
+                self.index[k] = index
+                self.changed.notify_all()
+        return on_applied
+
+    def wait_all(self, index: int, timeout: float = 20.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: min(self.index) >= index, timeout), \
+                (self.index, index)
+
+    def wait_one(self, k: int, index: int, timeout: float = 20.0) -> int:
+        """Wait for member k to apply ``index``; its applied index then."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.index[k] >= index, timeout), \
+                (self.index, index)
+            return self.index[k]
+
+    def settle(self, timeout: float = 30.0) -> int:
+        """Wait until every member has applied the same index and nothing more
+        arrives for a while; that index."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            with self.changed:
+                now = (min(self.index), max(self.index))
+            if now == last and now[0] == now[1] and now[0] > 0:
+                return now[0]
+            assert time.monotonic() < deadline, self.index
+            last = now
+            time.sleep(0.2)
+
+
+def _propose(log: ReplicatedLog, seq: int) -> None:
+    log.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)
+
+
+def test_a_burst_costs_about_one_message_per_follower_each_way(tmp_path: Path) -> None:
+    applied = Applied()
+    with raft_group(tmp_path, applied.callback, fsync=True) as logs:
+        leader = logs[leader_of(logs)]
+        _propose(leader, 1)
+        start = applied.settle()
+        sends0 = ReplicatedLog.send_statistics()
+        # Proposals queue while an entry is in flight: each entry commits with
+        # the next one already queued, the case the commit-only message doubled.
+        for seq in range(2, 3002):
+            _propose(leader, seq)
+            if seq % 10 == 0:
+                time.sleep(0.001)
+        entries = applied.settle() - start
+        sends1 = ReplicatedLog.send_statistics()
+    frames = sends1[3] - sends0[3]
+    assert entries >= 20, entries
+    # 4 for an entry (out to 2 followers, 2 answers) plus heartbeats; 8 before.
+    assert frames / entries < 6.0, (frames, entries)
+    assert sends1[1] > sends0[1]  # commit-only sends skipped
+    assert sends1[2] >= sends0[2]
+
+
+def test_one_proposal_at_a_time_followers_answer_once(tmp_path: Path) -> None:
+    applied = Applied()
+    with raft_group(tmp_path, applied.callback, fsync=True) as logs:
+        k = leader_of(logs)
+        leader = logs[k]
+        _propose(leader, 1)
+        start = index = applied.settle()
+        sends0 = ReplicatedLog.send_statistics()
+        for seq in range(2, 202):
+            _propose(leader, seq)
+            index = applied.wait_one(k, index + 1)
+        applied.wait_all(index)  # the followers learn the last commit too
+        sends1 = ReplicatedLog.send_statistics()
+        entries = index - start
+    frames = sends1[3] - sends0[3]
+    assert entries == 200
+    # The entry and the commit-only message to each follower, one answer from
+    # each (6 an entry, plus heartbeats); 8 before.
+    assert frames / entries < 7.0, (frames, entries)
+    assert sends1[2] - sends0[2] > entries  # most repeats not sent
+
+
+def test_followers_still_learn_each_commit_at_once(tmp_path: Path) -> None:
+    """The commit-only message still goes out when it is the only news: with
+    nothing more proposed, the followers apply the last entry well before a
+    heartbeat would have told them (a heartbeat is 50 ms away)."""
+    applied = Applied()
+    with raft_group(tmp_path, applied.callback, fsync=True) as logs:
+        k = leader_of(logs)
+        leader = logs[k]
+        _propose(leader, 1)
+        index = applied.settle()
+        lags: list[float] = []
+        for seq in range(2, 22):
+            _propose(leader, seq)
+            index = applied.wait_one(k, index + 1)
+            t0 = time.monotonic()
+            applied.wait_all(index)
+            lags.append(time.monotonic() - t0)
+            time.sleep(0.06)  # past a heartbeat: the next proposal starts idle
+    lags.sort()
+    assert lags[len(lags) // 2] < 0.02, lags
+
+
+def test_the_counters_are_process_wide() -> None:
+    assert len(ReplicatedLog.send_statistics()) == 4
+    assert isinstance(raft.sent_peer_frames, int)
