@@ -551,9 +551,11 @@ def main(argv: list[str] | None = None) -> int:
                                 float(req["seconds"]), float(req["warmup"])))
             elif op == "stats":
                 gcs = collector.pause_meter().statistics()
-                from replication.raft import ReplicatedLog
+                # Not imported here by a plain ``raw`` member: importing it installs
+                # the node's peer framing, which the running SyncObj's links do not use.
+                raft = sys.modules.get("replication.raft")
                 holds = [(t, kind, round(sec * 1000, 1))
-                         for t, kind, sec in ReplicatedLog.recent_holds()]
+                         for t, kind, sec in (raft.ReplicatedLog.recent_holds() if raft else [])]
                 pauses = [(t, f"gc{gen}", round(sec * 1000, 1))
                           for t, gen, sec in collector.pause_meter().long_pauses()]
                 reply({**server.stats(),
