@@ -944,6 +944,8 @@ _load_dump_file = _psyncobj.SyncObj._SyncObj__loadDumpFile
 _try_log_compaction = _psyncobj.SyncObj._SyncObj__tryLogCompaction
 _send_append_entries = _psyncobj.SyncObj._SyncObj__sendAppendEntries
 _send_next_node_idx = _psyncobj.SyncObj._SyncObj__sendNextNodeIdx
+_on_node_connected = _psyncobj.SyncObj._SyncObj__onNodeConnected
+_on_node_disconnected = _psyncobj.SyncObj._SyncObj__onNodeDisconnected
 _REGULAR = _psyncobj._COMMAND_TYPE.REGULAR
 MERGED_ENTRY_BYTES = 1024 * 1024
 """A leader merges batches into one entry only while the entry stays within this
@@ -981,6 +983,14 @@ class _SyncObj(SyncObj):
         self._sb_told: tuple[int, int, int, frozenset[Any]] | None = None
         self._sb_answered: dict[Any, tuple[int, int, float]] = {}
         super().__init__(*args, **kwargs)
+
+    def _SyncObj__onNodeConnected(self, node: Any) -> None:
+        self._sb_answered.pop(node, None)  # the last answer may have died with the old link
+        _on_node_connected(self, node)
+
+    def _SyncObj__onNodeDisconnected(self, node: Any) -> None:
+        self._sb_answered.pop(node, None)
+        _on_node_disconnected(self, node)
 
     def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
                                   nextNodeIdx: int | None = None, success: bool = False) -> None:

@@ -144,3 +144,22 @@ def test_followers_still_learn_each_commit_at_once(tmp_path: Path) -> None:
 def test_the_counters_are_process_wide() -> None:
     assert len(ReplicatedLog.send_statistics()) == 4
     assert isinstance(raft.sent_peer_frames, int)
+
+
+def test_a_new_link_forgets_the_last_answer(tmp_path: Path) -> None:
+    """The repeat filter is per link: an answer sent on a link that then broke
+    may never have arrived, so after a reconnect the same answer goes out again."""
+    applied = Applied()
+    with raft_group(tmp_path, applied.callback, fsync=True) as logs:
+        k = leader_of(logs)
+        _propose(logs[k], 1)
+        applied.settle()
+        follower = logs[(k + 1) % 3]._sync
+        answered = follower._sb_answered
+        assert answered, "the follower has answered the leader"
+        node = next(iter(answered))
+        follower._SyncObj__onNodeDisconnected(node)
+        assert node not in answered
+        answered[node] = (0, 0, 0.0)
+        follower._SyncObj__onNodeConnected(node)
+        assert node not in answered
