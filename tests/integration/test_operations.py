@@ -247,3 +247,46 @@ async def test_readyz_false_when_fenced_true_after_rejoin(
                 c.kill(o, signal.SIGCONT)
         while (await trio.to_thread.run_sync(_get, url))[0] != 200:
             await trio.sleep(0.2)
+
+
+async def test_admin_transfer_moves_leadership_under_a_live_client(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """`switchboard admin transfer NODE` hands leadership to NODE, then with no
+    target to some other follower; a client on the old leader keeps its session
+    and its messages through both handovers, and a second transfer to the
+    leader itself is a one-line error."""
+    c = make_cluster()
+    cluster_arg = ",".join(s.admin for s in c.specs)
+    secret = str(c.secret_file)
+    first = c.leader()
+    assert first is not None
+    target = next(s.id for s in c.specs if s.id != first)
+    with trio.fail_after(90):
+        async with client.connect([c.spec(first).client], user="fay", token=c.token("fay"),
+                                  ordered=True) as f, \
+                client.connect(c.client_addresses(), user="gus", token=c.token("gus"),
+                               ordered=True) as g:
+            sid = f.session_id
+            p = await trio.to_thread.run_sync(
+                _sb, "admin", "--cluster", cluster_arg, "--secret-file", secret,
+                "transfer", target)
+            assert p.returncode == 0, p.stderr
+            assert p.stdout.strip() == f"leader is now {c.spec(target).raft}", p.stdout
+            assert await trio.to_thread.run_sync(c.leader) == target
+            mid = await g.send("fay", "after the first handover")
+            m = await f.next_event(15)
+            assert isinstance(m, client.Message) and m.id == mid
+            p = await trio.to_thread.run_sync(
+                _sb, "admin", "--cluster", cluster_arg, "--secret-file", secret,
+                "transfer", target)
+            assert p.returncode != 0 and "already the leader" in p.stderr, p.stderr
+            assert len(p.stderr.splitlines()) == 1
+            p = await trio.to_thread.run_sync(
+                _sb, "admin", "--cluster", cluster_arg, "--secret-file", secret, "transfer")
+            assert p.returncode == 0, p.stderr
+            now = await trio.to_thread.run_sync(c.leader)
+            assert now != target
+            mid = await f.send("gus", "after the second handover")
+            m = await g.next_event(15)
+            assert isinstance(m, client.Message) and m.id == mid
+            assert f.session_id == sid and f.node_id == first
