@@ -434,8 +434,8 @@ def stalls(run: dict[str, Any], rates: list[float], gap: float = 0.1,
     phase, grouped into bursts (``gap`` s apart at least), each with the
     members' tick-thread holds (compaction fork, journal cut) and collections
     of 5 ms or more that began from ``before`` s ahead of the burst to its end."""
-    events = [(t, name, kind, ms) for name, st in run.get("stats", {}).items()
-              for t, kind, ms in st.get("events", [])]
+    events = sorted((t, name, kind, ms) for name, st in run.get("stats", {}).items()
+                    for t, kind, ms in st.get("events", []))
     out: list[dict[str, Any]] = []
     for rate in rates:
         p = run.get(f"{int(rate)}", {})
@@ -452,7 +452,7 @@ def stalls(run: dict[str, Any], rates: list[float], gap: float = 0.1,
         for start, end, worst, n in bursts:
             near = [{"member": name, "kind": kind, "ms": ms,
                      "at_ms": round((t - t0 - start) * 1000)}
-                    for t, name, kind, ms in sorted(events)
+                    for t, name, kind, ms in events
                     if start - before <= t - t0 <= end]
             out.append({"rate": rate, "at_s": round(start, 2), "worst_ms": worst,
                         "commands": n, "near": near})

@@ -336,8 +336,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
     @staticmethod
     def _held(t0: float, kind: str) -> None:
         """Count time a cut held the calling (tick) thread since ``t0``."""
-        seconds = time.monotonic() - t0
-        _events.append((t0, kind, seconds))
+        seconds = _record_hold(t0, kind)
         _DurableFileJournal.cut_seconds += seconds
         _DurableFileJournal.cut_seconds_max = max(_DurableFileJournal.cut_seconds_max, seconds)
 
@@ -925,6 +924,14 @@ at the start, "fork" / "cut" / "cut-finish", seconds), to set beside latency
 spikes."""
 
 
+def _record_hold(t0: float, kind: str) -> float:
+    """Note in ``_events`` a hold of the tick thread that began at ``t0`` (a
+    ``time.monotonic()``) and ends now; its seconds."""
+    seconds = time.monotonic() - t0
+    _events.append((t0, kind, seconds))
+    return seconds
+
+
 def _compaction_child() -> None:
     """In a forked compaction child: die if the node dies, never outlive it; and
     collect no garbage: a collection walks the whole inherited heap, copying
@@ -1062,8 +1069,7 @@ class _SyncObj(SyncObj):
         t0 = time.monotonic()
         result = _try_log_compaction(self)
         if ser._Serializer__currentID != before:  # a compaction child was forked
-            took = time.monotonic() - t0
-            _events.append((t0, "fork", took))
+            took = _record_hold(t0, "fork")
             ser._sb_compactions = (ser._sb_compactions[0] + 1, ser._Serializer__currentID)
             _CompactionStarts.count += 1
             _CompactionStarts.seconds += took

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_base_port
-from replication.batch import AppliedBatch
+from replication.batch import AppliedBatch, encode_batch
+from replication.commands import Noop
 from replication.raft import RaftConfig, ReplicatedLog
 from replication.table import SessionTable
 
@@ -47,3 +48,8 @@ def leader_of(logs: list[ReplicatedLog], timeout: float = 20.0) -> int:
                 return k
         assert time.monotonic() < deadline, "no leader"
         time.sleep(0.05)
+
+
+def propose_noop(log: ReplicatedLog, seq: int) -> None:
+    """Propose a one-command batch (a ``Noop``) whose outcome nobody awaits."""
+    log.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)

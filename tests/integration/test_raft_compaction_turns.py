@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from replication.batch import encode_batch
-from replication.commands import Noop
 from replication.raft import ReplicatedLog
 
-from .raftgroup import leader_of, raft_group
+from .raftgroup import leader_of, propose_noop, raft_group
 
 pytestmark = [pytest.mark.integration]
 
@@ -35,7 +33,7 @@ def test_members_compact_in_turns(tmp_path: Path) -> None:
         while min(len(s) for s in starts) < 3:
             assert time.monotonic() < deadline, starts
             seq += 1
-            leader.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)
+            propose_noop(leader, seq)
             time.sleep(0.004)
             for k, lg in enumerate(logs):
                 st = lg.status()

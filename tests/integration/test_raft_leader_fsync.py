@@ -21,7 +21,7 @@ import pytest
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Noop
 
-from .raftgroup import leader_of, raft_group
+from .raftgroup import leader_of, propose_noop, raft_group
 
 pytestmark = [pytest.mark.integration]
 
@@ -94,7 +94,7 @@ def test_compaction_succeeds_with_fsync_on(tmp_path: Path, caplog: pytest.LogCap
                     compaction_seconds=1) as logs:
         leader = logs[leader_of(logs)]
         for seq in range(1, 201):
-            leader.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)
+            propose_noop(leader, seq)
             time.sleep(0.005)
         deadline = time.monotonic() + 20
         while True:

@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 
 import replication.raft as raft
-from replication.batch import AppliedBatch, encode_batch
-from replication.commands import Noop
+from replication.batch import AppliedBatch
 from replication.raft import ReplicatedLog
 
-from .raftgroup import leader_of, raft_group
+from .raftgroup import leader_of, propose_noop, raft_group
 
 pytestmark = [pytest.mark.integration]
 
@@ -70,21 +69,17 @@ class Applied:
             time.sleep(0.2)
 
 
-def _propose(log: ReplicatedLog, seq: int) -> None:
-    log.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)
-
-
 def test_a_burst_costs_about_one_message_per_follower_each_way(tmp_path: Path) -> None:
     applied = Applied()
     with raft_group(tmp_path, applied.callback, fsync=True) as logs:
         leader = logs[leader_of(logs)]
-        _propose(leader, 1)
+        propose_noop(leader, 1)
         start = applied.settle()
         sends0 = ReplicatedLog.send_statistics()
         # Proposals queue while an entry is in flight: each entry commits with
         # the next one already queued, the case the commit-only message doubled.
         for seq in range(2, 3002):
-            _propose(leader, seq)
+            propose_noop(leader, seq)
             if seq % 10 == 0:
                 time.sleep(0.001)
         entries = applied.settle() - start
@@ -102,11 +97,11 @@ def test_one_proposal_at_a_time_followers_answer_once(tmp_path: Path) -> None:
     with raft_group(tmp_path, applied.callback, fsync=True) as logs:
         k = leader_of(logs)
         leader = logs[k]
-        _propose(leader, 1)
+        propose_noop(leader, 1)
         start = index = applied.settle()
         sends0 = ReplicatedLog.send_statistics()
         for seq in range(2, 202):
-            _propose(leader, seq)
+            propose_noop(leader, seq)
             index = applied.wait_one(k, index + 1)
         applied.wait_all(index)  # the followers learn the last commit too
         sends1 = ReplicatedLog.send_statistics()
@@ -127,11 +122,11 @@ def test_followers_still_learn_each_commit_at_once(tmp_path: Path) -> None:
     with raft_group(tmp_path, applied.callback, fsync=True) as logs:
         k = leader_of(logs)
         leader = logs[k]
-        _propose(leader, 1)
+        propose_noop(leader, 1)
         index = applied.settle()
         lags: list[float] = []
         for seq in range(2, 22):
-            _propose(leader, seq)
+            propose_noop(leader, seq)
             index = applied.wait_one(k, index + 1)
             t0 = time.monotonic()
             applied.wait_all(index)
@@ -152,7 +147,7 @@ def test_a_new_link_forgets_the_last_answer(tmp_path: Path) -> None:
     applied = Applied()
     with raft_group(tmp_path, applied.callback, fsync=True) as logs:
         k = leader_of(logs)
-        _propose(logs[k], 1)
+        propose_noop(logs[k], 1)
         applied.settle()
         follower = logs[(k + 1) % 3]._sync
         answered = follower._sb_answered
