@@ -280,6 +280,7 @@ def scan_logs(data_dir: Path) -> LogReport:
 NODE_COUNTERS = {
     "raft_term", "raft_commit_index", "batches_committed_total", "commands_committed_total",
     "proposal_retries_total", "request_timeouts_total", "clients_dropped_slow_total",
+    "batches_skipped_total", "batches_gapped_total",
     "refused_fenced_total", "protocol_errors_total", "session_expiries_total",
     "journal_fsyncs_total", "journal_fsync_seconds_total", "mailbox_messages",
     "sessions", "sessions_orphaned", "journal_cuts_total", "journal_cut_seconds_max",

@@ -17,10 +17,12 @@ loopback) and driven through JSON lines on stdin/stdout. Modes:
 The proposer (on whichever member is leader) is the same in both modes: it
 generates real commands (``SetPresence``, ``Send``, ``Ack`` for sessions it
 logged in through the log first), stamps each with its (scheduled) enqueue
-time, and keeps one batch of up to ``batch`` commands in flight (K=1): when a
-batch has been applied on the leader, the next one is formed at once from
-whatever queued meanwhile (group commit) and encoded with
-``replication.batch.encode_batch``. Commit latency = enqueue time -> the
+time, and keeps up to ``--batches-in-flight`` batches (K, a node's default:
+2) of up to ``batch`` commands in flight, as a node's core does: whenever fewer
+are, the next one is formed at once from whatever queued meanwhile (group
+commit) and encoded with ``replication.batch.encode_batch`` (ordered in
+``fsm`` mode, as a node's; a batch the table skips or refuses counts as
+failed: the bench does not re-propose). Commit latency = enqueue time -> the
 batch's apply on the leader (seen from pysyncobj's tick thread).
 
 Requests (one JSON object per line) and answers: see ``handle``.
@@ -45,6 +47,7 @@ from typing import Any
 from node import collector
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Ack, Allow, Command, Login, Send, SetPresence, Subscribe
+from replication.table import BATCH_APPLY
 
 Done = Callable[[int, bool, dict[str, int]], None]
 """(seq, applied, error codes of the batch's commands -> count) on the tick thread."""
@@ -95,6 +98,9 @@ class FsmServer:
         with self._lock:
             done = self._waiting.pop(applied.seq, None)
         if done is None:
+            return
+        if applied.status != BATCH_APPLY:
+            done(applied.seq, False, {f"batch-{applied.status}": 1})
             return
         errors: dict[str, int] = {}
         for o in applied.outcomes:
@@ -279,10 +285,10 @@ class Workload:
 
 
 class Proposer:
-    """One batch in flight (K=1); the next one formed when it has been applied."""
+    """Up to ``k`` batches in flight; the next one formed whenever fewer are."""
 
-    def __init__(self, server: Server, origin: str, inc: int, batch: int,
-                 prebuilt: list[Command] | None = None):
+    def __init__(self, server: Server, origin: str, inc: int, batch: int, k: int = 2,
+                 prebuilt: list[Command] | None = None, ordered: bool = False):
         self.server = server
         # Raw baseline as the notes measured it: one pre-encoded blob per batch size,
         # no per-command Python work in the proposer.
@@ -293,7 +299,9 @@ class Proposer:
         self.batch = batch
         self.lock = threading.Lock()
         self.queue: deque[tuple[float, Command | None]] = deque()
-        self.inflight = False
+        self.k = k
+        self.ordered = ordered
+        self.inflight = 0
         self.seq = 0
         self.measuring = False
         self.lat: list[float] = []
@@ -308,20 +316,20 @@ class Proposer:
     def enqueue(self, items: list[tuple[float, Command | None]]) -> None:
         with self.lock:
             self.queue.extend(items)
-            if self.inflight:
+            if self.inflight >= self.k:
                 return
             take = self._take()
         self._propose(take)
 
     def _take(self) -> list[tuple[float, Command | None]]:
-        """Pop the next batch (lock held); marks a batch in flight if non-empty."""
+        """Pop the next batch (lock held) and count it in flight, if there is one."""
         q = self.queue
         n = min(self.batch, len(q))
         take = [q.popleft() for _ in range(n)]
-        self.inflight = bool(take)
         if take:
+            self.inflight += 1
             self.idle.clear()
-        else:
+        elif not self.inflight:
             self.idle.set()
         return take
 
@@ -338,7 +346,8 @@ class Proposer:
                 self._blobs[len(take)] = blob
         else:
             blob = encode_batch(self.origin, self.inc, seq,
-                                [(i, c) for i, (_, c) in enumerate(take) if c is not None])
+                                [(i, c) for i, (_, c) in enumerate(take) if c is not None],
+                                ordered=self.ordered)
         times = [t for t, _ in take]
 
         def done(_seq: int, ok: bool, errors: dict[str, int]) -> None:
@@ -355,13 +364,14 @@ class Proposer:
                         self.failed_batches += 1
                     for k, v in errors.items():
                         self.errors[k] = self.errors.get(k, 0) + v
+                self.inflight -= 1
                 nxt = self._take()
             self._propose(nxt)
 
         self.server.propose(seq, blob, done)
 
     def drain(self, timeout: float, discard: bool) -> int:
-        """Wait for the batch in flight; with ``discard`` drop what is still queued."""
+        """Wait for the batches in flight; with ``discard`` drop what is still queued."""
         dropped = 0
         if discard:
             with self.lock:
@@ -504,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compaction-entries", type=int, default=20_000)
     ap.add_argument("--compaction-seconds", type=int, default=600)
     ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--batches-in-flight", type=int, default=2)
     ap.add_argument("--prebuilt", action="store_true",
                     help="raw mode: propose pre-encoded batches (the notes' method)")
     args = ap.parse_args(argv)
@@ -515,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                       else RawServer(args, args.id, inc))
     if args.prebuilt and args.mode != "raw":
         ap.error("--prebuilt is for --mode raw only")
-    proposer = Proposer(server, args.id, inc, args.batch)
+    proposer = Proposer(server, args.id, inc, args.batch, args.batches_in_flight,
+                        ordered=args.mode == "fsm")
     workload: Workload | None = None
     reply({"event": "up", "pid": os.getpid(), "mode": args.mode, "fsync": args.fsync})
     for line in sys.stdin:

@@ -16,9 +16,10 @@ Every configuration gets the same proposer and the same commands
 (``repl_node.Workload``): N sessions are logged in through the log (plus 4
 allow + subscribe pairs each), then a mix of 50% ``SetPresence``, 40% ``Send``
 (64-byte bodies) and 10% ``Ack``; batches of up to 1,000 commands encoded with
-``encode_batch``, one batch in flight (K=1), the next formed from what queued
-meanwhile. Phases: max (the queue never runs dry: committed commands/s over a
-fixed window) and offered loads of 5k, 20k and 50k commands/s (commit latency
+``encode_batch``, up to K=2 batches in flight (a node's default
+``--batches-in-flight``), the next formed from what queued meanwhile.
+Phases: max (the queue never runs dry: committed commands/s over a fixed
+window) and offered loads of 5k, 20k and 50k commands/s (commit latency
 from each command's scheduled enqueue time to its batch's apply on the
 leader). At the end every member's table digest (raw: applied batch count and
 bytes) is compared at the same log index.
@@ -77,6 +78,7 @@ class Plan:
     rate_seconds: float
     rate_warmup: float
     batch: int = 1000
+    batches_in_flight: int = 2
 
 
 FULL = Plan(configs=("raw-prebuilt", "raw", "fsm", "raw-fsync", "fsm-nofsync", "fsm", "raw",
@@ -97,13 +99,14 @@ GOAL_P99_MS = 10.0
 class ReplGroup:
     """Three repl_node processes; ``with`` stops them (by PID) and removes the temp dir."""
 
-    def __init__(self, opts: Options, config: str, run: int, batch: int):
+    def __init__(self, opts: Options, config: str, run: int, batch: int, k: int = 2):
         self.opts = opts
         self.config = config
         self.mode, self.fsync, self.prebuilt = CONFIGS[config]
         self.tmp = Path(tempfile.mkdtemp(prefix=f"switchboard-bench-repl-{config}-"))
         self.run = run
         self.batch = batch
+        self.k = k
         self.procs: list[LineProc] = []
         self.addrs: list[str] = []
         self.leader = -1
@@ -119,6 +122,7 @@ class ReplGroup:
                     "--peers", peers, "--data-dir", str(self.tmp / f"r{k + 1}"),
                     "--password", password, "--timings", timings,
                     "--fsync" if self.fsync else "--no-fsync", "--batch", str(self.batch),
+                    "--batches-in-flight", str(self.k),
                     *(["--prebuilt"] if self.prebuilt else [])]
             self.procs.append(LineProc.python("bench.repl_node", args,
                                               self.tmp / f"r{k + 1}.log", f"r{k + 1}"))
@@ -204,7 +208,7 @@ def run_config(opts: Options, plan: Plan, config: str, run: int, prog: Any,
                task: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"config": config, "label": LABELS[config], "run": run}
     t_start = time.monotonic()
-    with ReplGroup(opts, config, run, plan.batch) as g:
+    with ReplGroup(opts, config, run, plan.batch, plan.batches_in_flight) as g:
         leader = g.procs[g.leader]
         meter = CpuMeter(g.pids)
         out["leader"] = leader.name
@@ -401,7 +405,8 @@ def run(opts: Options) -> dict[str, Any]:
     machine = machine_info()
     opts.console.print(
         f"revision {machine['revision']}; 3 repl_node processes on 127.0.0.1 per configuration; "
-        f"{plan.sessions} sessions; batches of <= {plan.batch} commands, K=1; configurations "
+        f"{plan.sessions} sessions; batches of <= {plan.batch} commands, "
+        f"K={plan.batches_in_flight} in flight; configurations "
         f"in order: {', '.join(plan.configs)}")
     runs: list[dict[str, Any]] = []
     phases = 1 + len(plan.rates)

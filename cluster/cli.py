@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest client frame in bytes (default 262144)")
     nd.add_argument("--join", action="store_true",
                     help="a new member: serve clients only after `switchboard admin add`")
+    nd.add_argument("--batches-in-flight", type=int, default=2,
+                    help="group-commit batches this node keeps proposed and not yet "
+                    "applied (1-16, default 2)")
     nd.add_argument("--compaction-entries", type=int, default=20_000,
                     help="snapshot the table after this many log entries (default 20000)")
     nd.add_argument("--log-format", choices=["kv", "json"], default="kv")
@@ -247,6 +250,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
         if not 0 <= workers <= 64:
             raise ConfigError("--workers must be between 0 and 64")
+        if not 1 <= args.batches_in_flight <= 16:
+            raise ConfigError("--batches-in-flight must be between 1 and 16")
         max_connections = (args.max_connections if args.max_connections is not None
                            else 19_000 * max(1, workers))
     except (ConfigError, SecretError) as e:
@@ -263,7 +268,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         mailbox=args.mailbox_limit, frame_rate=args.frame_rate,
         frame_burst=max(1, int(args.frame_rate * 2)), failed_logins=args.failed_logins,
         max_connections=max_connections, login_deadline=args.login_deadline,
-        max_frame=args.max_frame, workers=workers,
+        max_frame=args.max_frame, workers=workers, batches_in_flight=args.batches_in_flight,
     )
     logs.configure(args.id, args.log_format, getattr(logging, args.log_level.upper()))
 

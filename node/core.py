@@ -1,12 +1,18 @@
 """The node's core: group commit into the Raft log; results and effects back out.
 
 Commands go up, effects come down. The gateway (connection side) calls
-``submit(command, on_done)``; the core packs queued commands into one log entry
-(one batch in flight at a time: pysyncobj re-sends entries when more are in
-flight), and when a batch is applied calls, on the Trio thread and in log
-order, each command's ``on_done(result)`` followed by its effects through
-``effect_sink``. A command's result and its effects are handed over together,
-so a login's ``login-ok`` is always queued before the messages it delivers.
+``submit(command, on_done)``; the core packs queued commands into batches and
+proposes them to the log, up to ``batches_in_flight`` at a time (the leader
+puts every batch queued meanwhile into its next log entry, so a second batch
+in flight is sent the moment the first commits, not after this node has
+applied it). Batches are *ordered* (``replication.batch``): each applies once,
+in this node's order, so any of them may be proposed again after a failure
+or a silence; after a loss, every batch from the lost one on is proposed
+again, in order. When a batch is applied the core calls, on the Trio thread
+and in log order, each command's ``on_done(result)`` followed by its effects
+through ``effect_sink``. A command's result and its effects are handed over
+together, so a login's ``login-ok`` is always queued before the messages it
+delivers.
 
 The replication thread enters Trio only through ``_from_raft_thread``, which
 queues the event and schedules ``_drain`` with ``TrioToken.run_sync_soon``.
@@ -34,7 +40,15 @@ import trio
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Command, Configure, Heartbeat, NodeDown, NodeUp, Tick
 from replication.raft import RaftConfig, RaftStatus, ReplicatedLog
-from replication.table import Effect, Result, SessionTable, UserLimits, error
+from replication.table import (
+    BATCH_APPLY,
+    BATCH_GAP,
+    Effect,
+    Result,
+    SessionTable,
+    UserLimits,
+    error,
+)
 
 from . import collector
 from .clock import wall
@@ -67,7 +81,6 @@ class _Inflight:
     first_proposed: float
     proposed: float
     attempt: int = 0
-    retry_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -75,10 +88,13 @@ class CoreStats:
     queued: int = 0
     pending: int = 0
     inflight_commands: int = 0
+    inflight_batches: int = 0
     batches_proposed: int = 0
     batches_committed: int = 0
     commands_committed: int = 0
     retries: int = 0
+    batches_skipped: int = 0  # our re-proposals of batches that had applied
+    batches_gapped: int = 0  # our batches refused because an earlier one was lost
     timeouts: int = 0
     applied_index: int = 0
     fenced: bool = True
@@ -120,7 +136,11 @@ class Core:
         self._deadlines: list[tuple[float, int]] = []  # a heap: deadlines differ
         self._next_rid = 1
         self._batch_seq = 0
-        self._inflight: _Inflight | None = None
+        self._inflight: deque[_Inflight] = deque()  # proposed, not yet applied; by seq
+        # After a failure or a gap: every batch in flight from this seq on is
+        # proposed again, in order, at ``_resend_at``.
+        self._resend_from: int | None = None
+        self._resend_at = math.inf
         self._handoff: deque[tuple[str, Any]] = deque()
         self._handoff_lock = threading.Lock()
         self._drain_scheduled = False
@@ -159,7 +179,7 @@ class Core:
         if deadline != math.inf:
             heapq.heappush(self._deadlines, (deadline, rid))
         self._queue.append((rid, cmd))
-        if self._inflight is None:
+        if len(self._inflight) < self.config.batches_in_flight:
             self._propose_next()
 
     async def request(self, cmd: Command, timeout: float | None = None) -> Result:
@@ -175,9 +195,17 @@ class Core:
         await done.wait()
         return box[0]
 
-    def _propose_next(self) -> None:
+    def _fill(self) -> None:
+        """Propose queued commands while fewer than ``batches_in_flight`` are out."""
+        limit = self.config.batches_in_flight
+        while self._queue and len(self._inflight) < limit and self._resend_from is None:
+            if not self._propose_next():
+                return
+
+    def _propose_next(self) -> bool:
+        """Propose the next batch from the queue; False if nothing was proposed."""
         if self.log is None or not self._queue:
-            return
+            return False
         items: list[tuple[int, Command]] = []
         size = 0
         cfg = self.config
@@ -189,15 +217,17 @@ class Core:
             body = getattr(cmd, "body", None)
             size += 64 + (len(body) if body is not None else 0)
         if not items:
-            return
+            return False
         self._batch_seq += 1
         now = time.monotonic()
-        self._inflight = _Inflight(self._batch_seq, items, now, now)
-        self._send(self._inflight)
+        batch = _Inflight(self._batch_seq, items, now, now)
+        self._inflight.append(batch)
+        self._send(batch)
+        return True
 
     def _send(self, inflight: _Inflight) -> None:
         assert self.log is not None
-        blob = encode_batch(self.node_id, self.inc, inflight.seq, inflight.items)
+        blob = encode_batch(self.node_id, self.inc, inflight.seq, inflight.items, ordered=True)
         seq, attempt = inflight.seq, inflight.attempt
         self.stats.batches_proposed += 1
 
@@ -206,17 +236,30 @@ class Core:
 
         self.log.propose(blob, on_fail)
 
-    def _repropose(self, inflight: _Inflight) -> None:
-        inflight.items = [(rid, cmd) for rid, cmd in inflight.items if rid in self._pending]
-        if not inflight.items:
-            self._inflight = None
-            self._propose_next()
-            return
-        inflight.attempt += 1
-        inflight.retry_at = None
-        inflight.proposed = time.monotonic()
-        self.stats.retries += 1
-        self._send(inflight)
+    def _schedule_resend(self, seq: int, at: float) -> None:
+        """Propose every batch in flight from ``seq`` on again, at ``at`` (or sooner,
+        if one is already due sooner)."""
+        self._resend_from = seq if self._resend_from is None else min(self._resend_from, seq)
+        self._resend_at = min(self._resend_at, at)
+
+    def _resend(self) -> None:
+        """Propose the batches in flight from ``_resend_from`` on again, in order.
+
+        Commands nobody waits for any more (answered 'unavailable' without
+        ``keep``) are left out; a batch left empty still goes, so that its
+        sequence number is not skipped (the table would refuse every later one).
+        """
+        start, self._resend_from, self._resend_at = self._resend_from, None, math.inf
+        now = time.monotonic()
+        for batch in self._inflight:
+            if start is None or batch.seq < start:
+                continue
+            batch.items = [(rid, cmd) for rid, cmd in batch.items if rid in self._pending]
+            batch.attempt += 1
+            batch.proposed = now
+            self.stats.retries += 1
+            self._send(batch)
+        self._fill()
 
     # --- the bridge from the replication thread ----------------------------------
 
@@ -237,8 +280,9 @@ class Core:
 
     def _on_restored(self) -> None:
         # Still on the replication thread, which owns the table.
+        applied = self.table.batch_seqs.get(self.node_id, {}).get(self.inc, 0)
         self._from_raft_thread("restored", (self.table.local_sessions(),
-                                            self.table.restore_view()))
+                                            self.table.restore_view(), applied))
 
     def _drain(self) -> None:
         with self._handoff_lock:
@@ -271,11 +315,16 @@ class Core:
             except Exception:  # a bug here must not take the Trio loop down
                 log.exception("handling a replication event failed", kind=kind)
 
-    def _handle_restored(self, local: list[tuple[str, int]], view: list[Effect]) -> None:
+    def _handle_restored(self, local: list[tuple[str, int]], view: list[Effect],
+                         applied: int) -> None:
         """A snapshot replaced the table: connections whose session is no longer
         here go, then the others get what the skipped entries would have given
-        them (their mailboxes, their contacts' presence)."""
+        them (their mailboxes, their contacts' presence). Our batches up to
+        ``applied`` are in it: their commands' outcomes are unknown here (their
+        waiters time out), and they must not be proposed again."""
         log.info("snapshot installed", local_sessions=len(local), effects=len(view))
+        self._forget_through(applied)
+        self._fill()
         self.restore_sink(local)
         if view:
             self.effect_sink(view)
@@ -307,14 +356,33 @@ class Core:
                     log.exception("carrying out effects failed")
         if not mine:
             return
-        self.stats.commands_committed += len(batch.outcomes)
-        inflight = self._inflight
-        if inflight is not None and batch.seq == inflight.seq:
+        if batch.status == BATCH_GAP:
+            # An earlier batch of ours was lost: it and every later one go again.
+            self.stats.batches_gapped += 1
+            if self._inflight:
+                self._schedule_resend(self._inflight[0].seq, now)
+            return
+        if batch.status != BATCH_APPLY:  # a copy of a batch that had applied
+            self.stats.batches_skipped += 1
+        else:
+            self.stats.commands_committed += len(batch.outcomes)
             self.stats.batches_committed += 1
-            self.last_confirmed = max(self.last_confirmed, inflight.first_proposed)
-            self._inflight = None
-            self._update_fence(now)
-            self._propose_next()
+        head = self._inflight[0] if self._inflight else None
+        if head is not None and head.seq <= batch.seq:
+            self.last_confirmed = max(self.last_confirmed, head.first_proposed)
+        self._forget_through(batch.seq)
+        self._update_fence(now)
+        self._fill()
+
+    def _forget_through(self, seq: int) -> None:
+        """Batches up to ``seq`` have applied: they are no longer in flight."""
+        inflight = self._inflight
+        while inflight and inflight[0].seq <= seq:
+            inflight.popleft()
+        if self._resend_from is not None and (not inflight or self._resend_from < inflight[0].seq):
+            self._resend_from = inflight[0].seq if inflight else None
+            if self._resend_from is None:
+                self._resend_at = math.inf
 
     def _record_checkpoint(self, tag: str, index: int, digest: str) -> None:
         self.checkpoints[tag] = (index, digest)
@@ -330,11 +398,11 @@ class Core:
         return self.checkpoints[tag]
 
     def _handle_failed(self, seq: int, attempt: int, reason: str, maybe_applied: bool) -> None:
-        inflight = self._inflight
-        if inflight is None or inflight.seq != seq or inflight.attempt != attempt:
-            return
-        backoff = min(0.01 * (2 ** min(inflight.attempt, 5)), 0.25)
-        inflight.retry_at = time.monotonic() + backoff
+        batch = next((b for b in self._inflight if b.seq == seq), None)
+        if batch is None or batch.attempt != attempt:
+            return  # applied meanwhile, or an earlier attempt's news
+        backoff = min(0.01 * (2 ** min(batch.attempt, 5)), 0.25)
+        self._schedule_resend(seq, time.monotonic() + backoff)
         log.debug("proposal refused", reason=reason, maybe_applied=maybe_applied,
                   attempt=attempt)
 
@@ -447,13 +515,13 @@ class Core:
             await trio.sleep(WATCHDOG_PERIOD)
             now = time.monotonic()
             inflight = self._inflight
-            if inflight is not None:
-                if (inflight.retry_at is not None and now >= inflight.retry_at) or (
-                    inflight.retry_at is None and now - inflight.proposed > RETRY_LOST_AFTER
-                ):
-                    self._repropose(inflight)
-            elif self._queue:
-                self._propose_next()
+            if inflight and self._resend_from is None and (
+                    now - inflight[0].proposed > RETRY_LOST_AFTER):
+                self._schedule_resend(inflight[0].seq, now)  # nobody answered: lost?
+            if self._resend_from is not None and now >= self._resend_at:
+                self._resend()
+            else:
+                self._fill()
             deadlines = self._deadlines
             while deadlines and deadlines[0][0] <= now:
                 _, rid = heapq.heappop(deadlines)
@@ -552,7 +620,8 @@ class Core:
         st = self.stats
         st.queued = len(self._queue)
         st.pending = len(self._pending)
-        st.inflight_commands = len(self._inflight.items) if self._inflight else 0
+        st.inflight_commands = sum(len(b.items) for b in self._inflight)
+        st.inflight_batches = len(self._inflight)
         st.fenced = self.fenced
         st.last_confirmed_age = time.monotonic() - self.last_confirmed
         st.fsyncs, st.fsync_seconds = ReplicatedLog.fsync_statistics()

@@ -101,6 +101,12 @@ class _NodeCollector(Collector):
                       cs.commands_committed)
         yield counter("proposal_retries", "Batches re-proposed after a refusal or silence",
                       cs.retries)
+        yield gauge("core_batches_in_flight", "Batches proposed and not yet applied",
+                    cs.inflight_batches)
+        yield counter("batches_skipped", "Copies of this node's batches that had applied "
+                      "already, skipped by the log", cs.batches_skipped)
+        yield counter("batches_gapped", "This node's batches refused because an earlier one "
+                      "was lost (proposed again, in order)", cs.batches_gapped)
         yield counter("request_timeouts", "Requests answered 'unavailable'", cs.timeouts)
         yield counter("journal_fsyncs", "fsync calls on the Raft journal", cs.fsyncs)
         yield counter("journal_fsync_seconds", "Time spent in journal fsync", cs.fsync_seconds)

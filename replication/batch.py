@@ -6,6 +6,15 @@ proposer's request id, so that the proposer can match results to waiters.
 ``BatchApplier`` applies a batch to a ``SessionTable`` and never raises: a
 replicated method that raises would freeze the whole pysyncobj cluster.
 
+An *ordered* batch (``cbor2([origin, inc, seq, items, true])``, what a node
+proposes) applies exactly once and in its proposer's order: the table keeps
+the last sequence number applied per proposer incarnation, skips a batch at or
+below it (a re-proposal of a batch that did commit) and refuses one beyond the
+next (an earlier batch was lost: its proposer re-sends from there). That lets a
+node keep several batches in flight and re-propose any of them without a
+command applying twice or overtaking an earlier one. A batch without the flag
+(the older form, and test helpers) applies whatever its sequence number.
+
 Pure: no clock, no I/O, no threads.
 """
 
@@ -18,7 +27,7 @@ from typing import Any
 import cbor2
 
 from .commands import Command, CommandError, from_wire
-from .table import Effect, Result, SessionTable, error
+from .table import BATCH_APPLY, Effect, Result, SessionTable, error
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +43,40 @@ class Outcome:
 
 @dataclass(slots=True)
 class AppliedBatch:
+    """A batch as this replica applied it. ``status`` is ``BATCH_APPLY``, or for
+    an ordered batch that did not apply, ``BATCH_DUPLICATE`` or ``BATCH_GAP``
+    (``SessionTable.admit_batch``); such a batch has no outcomes."""
+
     origin: str
     inc: int
     seq: int
     outcomes: list[Outcome]
+    status: str = BATCH_APPLY
 
 
-def encode_batch(origin: str, inc: int, seq: int, items: list[tuple[int, Command]]) -> bytes:
-    return cbor2.dumps([origin, inc, seq, [[rid, cmd.to_wire()] for rid, cmd in items]])
+def encode_batch(origin: str, inc: int, seq: int, items: list[tuple[int, Command]],
+                 ordered: bool = False) -> bytes:
+    """The log entry for ``items``; ``ordered`` (a node's proposals) makes the
+    table apply it once and in ``seq`` order (see the module docstring)."""
+    wire = [[rid, cmd.to_wire()] for rid, cmd in items]
+    return cbor2.dumps([origin, inc, seq, wire, True] if ordered else [origin, inc, seq, wire])
 
 
-def decode_batch(blob: bytes) -> tuple[str, int, int, list[Any]]:
-    """Decode a batch's envelope; raise ``CommandError`` if it is malformed."""
+def decode_batch(blob: bytes) -> tuple[str, int, int, list[Any], bool]:
+    """Decode a batch's envelope (origin, inc, seq, items, ordered); raise
+    ``CommandError`` if it is malformed."""
     try:
-        origin, inc, seq, items = cbor2.loads(blob)
+        envelope = cbor2.loads(blob)
     except Exception as e:  # cbor2 raises several types; any of them means malformed
         raise CommandError(f"malformed batch: {e}") from None
-    if not (isinstance(origin, str) and isinstance(inc, int) and isinstance(seq, int)
-            and isinstance(items, list)):
+    if type(envelope) is not list or len(envelope) not in (4, 5):
         raise CommandError("malformed batch envelope")
-    return origin, inc, seq, items
+    origin, inc, seq, items = envelope[:4]
+    ordered = len(envelope) == 5
+    if not (isinstance(origin, str) and isinstance(inc, int) and isinstance(seq, int)
+            and isinstance(items, list)) or (ordered and (envelope[4] is not True or seq < 1)):
+        raise CommandError("malformed batch envelope")
+    return origin, inc, seq, items, ordered
 
 
 class BatchApplier:
@@ -64,14 +87,20 @@ class BatchApplier:
         self.batches = 0
         self.commands = 0
         self.rejected = 0
+        self.skipped = 0  # ordered batches not applied: repeats and batches after a gap
 
     def apply(self, blob: bytes) -> AppliedBatch:
         try:
-            origin, inc, seq, items = decode_batch(blob)
+            origin, inc, seq, items, ordered = decode_batch(blob)
         except CommandError as e:
             log.error("dropping a malformed log entry: %s", e)
             self.rejected += 1
             return AppliedBatch("", 0, 0, [])
+        if ordered:
+            status = self.table.admit_batch(origin, inc, seq)
+            if status != BATCH_APPLY:
+                self.skipped += 1
+                return AppliedBatch(origin, inc, seq, [], status)
         self.batches += 1
         outcomes: list[Outcome] = []
         table = self.table

@@ -52,8 +52,9 @@ from .commands import (
     Unsubscribe,
 )
 
-SNAPSHOT_VERSION = 3
-READABLE_SNAPSHOTS = (2, 3)  # v2 sessions have no resume attempt (read as 0)
+SNAPSHOT_VERSION = 4
+READABLE_SNAPSHOTS = (2, 3, 4)  # v2 sessions have no resume attempt (read as 0); v2 and
+# v3 have no batch sequence numbers (read as none applied)
 RANK = {"online": 3, "busy": 2, "away": 1}
 """Which session's status a user shows when several sessions differ."""
 
@@ -152,6 +153,13 @@ class NodeInfo:
 
 RETIRED_INCARNATIONS = 16
 
+BATCH_APPLY = "applied"
+BATCH_DUPLICATE = "duplicate"
+BATCH_GAP = "gap"
+BATCH_INCARNATIONS = RETIRED_INCARNATIONS + 1
+"""How many incarnations of one proposer keep their last batch number; an older
+one's batches then count as a new incarnation's (only the first applies)."""
+
 
 # --- results and effects ----------------------------------------------------
 
@@ -237,6 +245,8 @@ class SessionTable:
         self.orphans: dict[str, None] = {}  # ordered by orphaned_at
         self.joined: set[str] = set()  # nodes added by an operator (admin add)
         self.user_limits = UserLimits()
+        # proposer -> {incarnation: the last ordered batch applied}, in first-seen order
+        self.batch_seqs: dict[str, dict[int, int]] = {}
         self.stats = TableStats()
         self._dispatch: dict[type[Command], Callable[[Any], tuple[Result, list[Effect]]]] = {
             Login: self._login,
@@ -269,6 +279,25 @@ class SessionTable:
         if handler is None:
             return error("invalid", f"unknown command {cmd.op!r}"), []
         return handler(cmd)
+
+    def admit_batch(self, origin: str, inc: int, seq: int) -> str:
+        """Decide whether an ordered batch applies, and if so record it: the next
+        one of its proposer's incarnation applies (``BATCH_APPLY``), one already
+        applied is skipped (``BATCH_DUPLICATE``) and one beyond the next is
+        refused (``BATCH_GAP``): an earlier one was lost, and its proposer sends
+        it again, then this one."""
+        seqs = self.batch_seqs.get(origin)
+        last = seqs.get(inc, 0) if seqs is not None else 0
+        if seq <= last:
+            return BATCH_DUPLICATE
+        if seq != last + 1:
+            return BATCH_GAP
+        if seqs is None:
+            seqs = self.batch_seqs[origin] = {}
+        elif last == 0 and len(seqs) >= BATCH_INCARNATIONS:
+            del seqs[next(iter(seqs))]
+        seqs[inc] = seq
+        return BATCH_APPLY
 
     def snapshot(self) -> bytes:
         """The whole state as canonical CBOR (equal states give equal bytes)."""
@@ -304,6 +333,8 @@ class SessionTable:
             "nodes": nodes,
             "orphans": orphans,
             "joined": sorted(self.joined),
+            "batches": [[o, [[i, n] for i, n in seqs.items()]]
+                        for o, seqs in sorted(self.batch_seqs.items())],
             "user_limits": [self.user_limits.sessions_per_user, self.user_limits.allow_list,
                             self.user_limits.subscriptions, self.user_limits.mailbox],
             "counters": [self.stats.messages_sent, self.stats.messages_acked,
@@ -346,6 +377,7 @@ class SessionTable:
                       for n, inc, seen, beat, down, retired in state["nodes"]}
         self.orphans = dict.fromkeys(state["orphans"])
         self.joined = set(state["joined"])
+        self.batch_seqs = {o: {i: n for i, n in seqs} for o, seqs in state.get("batches", [])}
         self.user_limits = UserLimits(*state["user_limits"])
         st = TableStats()
         (st.messages_sent, st.messages_acked, st.expired, st.resumed, st.logins,

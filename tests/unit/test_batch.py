@@ -32,15 +32,16 @@ def test_encode_decode_round_trip() -> None:
         (2, Send("s1", 1, "n1", 1, "bob", b"\x00hi", 2.0)),
         (7, Noop()),
     ]
-    origin, inc, seq, decoded = decode_batch(encode_batch("n1", 5, 42, items))
-    assert (origin, inc, seq) == ("n1", 5, 42)
+    origin, inc, seq, decoded, ordered = decode_batch(encode_batch("n1", 5, 42, items))
+    assert (origin, inc, seq, ordered) == ("n1", 5, 42, False)
     assert decoded == [[rid, cmd.to_wire()] for rid, cmd in items]
+    assert decode_batch(encode_batch("n1", 5, 42, items, ordered=True))[4] is True
 
 
 def test_empty_batch_round_trip() -> None:
     """A batch without commands is valid and applies to nothing."""
     blob = encode_batch("n2", 1, 0, [])
-    assert decode_batch(blob) == ("n2", 1, 0, [])
+    assert decode_batch(blob) == ("n2", 1, 0, [], False)
     applier = BatchApplier(SessionTable())
     assert applier.apply(blob) == AppliedBatch("n2", 1, 0, [])
     assert applier.batches == 1
@@ -57,6 +58,9 @@ MALFORMED_BLOBS: list[bytes] = [
     cbor2.dumps({"origin": "n1"}),
     cbor2.dumps(["n1", 1, 1]),
     cbor2.dumps(["n1", 1, 1, [], "extra"]),
+    cbor2.dumps(["n1", 1, 1, [], 1]),  # the ordered flag is exactly true
+    cbor2.dumps(["n1", 1, 0, [], True]),  # ordered batches count from 1
+    cbor2.dumps(["n1", 1, 1, [], True, True]),
     cbor2.dumps([1, 1, 1, []]),
     cbor2.dumps(["n1", "1", 1, []]),
     cbor2.dumps(["n1", 1, 1.5, []]),
@@ -247,3 +251,78 @@ def test_applier_never_raises_on_random_items(items: list[Any], envelope: bool) 
 def test_applier_never_raises_on_random_bytes(blob: bytes) -> None:
     """Arbitrary bytes never make the applier raise."""
     BatchApplier(SessionTable()).apply(blob)
+
+
+# --- ordered batches: exactly once, in the proposer's order ------------------------
+
+
+def _presence(seq: int, status: str) -> bytes:
+    return encode_batch("n1", 7, seq, [(seq, SetPresence("s1", 1, "n1", status, None, 2.0))],
+                        ordered=True)
+
+
+def _logged_in() -> tuple[SessionTable, BatchApplier]:
+    table = SessionTable()
+    applier = BatchApplier(table)
+    applier.apply(encode_batch("n1", 7, 1, [(0, Login("s1", "alice", "n1", 7, H, "online",
+                                                        None, 1.0))], ordered=True))
+    return table, applier
+
+
+def test_an_ordered_batch_applies_once() -> None:
+    """A re-proposed copy of an ordered batch that applied is skipped: no second
+    result, no second effect, the table as after the first."""
+    table, applier = _logged_in()
+    assert applier.apply(_presence(2, "away")).status == "applied"
+    digest = table.digest()
+    again = applier.apply(_presence(2, "away"))
+    assert again == AppliedBatch("n1", 7, 2, [], "duplicate")
+    assert table.digest() == digest
+    assert (applier.batches, applier.skipped) == (2, 1)
+
+
+def test_an_ordered_batch_after_a_lost_one_is_refused_until_the_lost_one_applies() -> None:
+    """Batch 3 arriving when 2 never did is refused (the proposer sends 2 again,
+    then 3): a later presence never lands before an earlier one."""
+    table, applier = _logged_in()
+    assert applier.apply(_presence(3, "busy")).status == "gap"
+    assert table.presence_of("alice")[0] == "online"
+    assert applier.apply(_presence(2, "away")).status == "applied"
+    assert applier.apply(_presence(3, "busy")).status == "applied"
+    assert table.presence_of("alice")[0] == "busy"
+    assert applier.apply(_presence(2, "away")).status == "duplicate"  # late copy of 2
+    assert table.presence_of("alice")[0] == "busy"
+
+
+def test_ordered_batches_count_per_incarnation_and_survive_a_snapshot() -> None:
+    """Each proposer incarnation counts from 1; the numbers are part of the state
+    (a snapshot carries them); an unordered batch applies whatever its number."""
+    table, applier = _logged_in()
+    blob = encode_batch("n1", 8, 1, [(1, Noop())], ordered=True)  # a restarted n1
+    assert applier.apply(blob).status == "applied"
+    copy = SessionTable()
+    copy.restore(table.snapshot())
+    assert copy.digest() == table.digest()
+    assert BatchApplier(copy).apply(blob).status == "duplicate"
+    assert BatchApplier(copy).apply(encode_batch("n1", 8, 1, [(1, Noop())])).status == "applied"
+
+
+def test_old_incarnations_numbers_are_dropped_beyond_a_bound() -> None:
+    """A proposer's numbers are kept for its latest BATCH_INCARNATIONS incarnations."""
+    from replication.table import BATCH_INCARNATIONS
+
+    table = SessionTable()
+    for inc in range(1, BATCH_INCARNATIONS + 3):
+        assert table.admit_batch("n1", inc, 1) == "applied"
+    assert list(table.batch_seqs["n1"]) == list(range(3, BATCH_INCARNATIONS + 3))
+    assert table.admit_batch("n1", BATCH_INCARNATIONS + 2, 1) == "duplicate"
+
+
+@settings(max_examples=200, deadline=None)
+@given(order=st.lists(st.integers(min_value=1, max_value=8), max_size=40))
+def test_ordered_batches_apply_each_number_once_in_order(order: list[int]) -> None:
+    """Whatever copies arrive in whatever order, the batches applied are 1, 2, 3...
+    each once, and a batch applies only right after its predecessor."""
+    table = SessionTable()
+    applied = [seq for seq in order if table.admit_batch("n1", 1, seq) == "applied"]
+    assert applied == list(range(1, len(applied) + 1))
