@@ -70,6 +70,33 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return float(sorted_values[k])
 
 
+def bursts(slow: Sequence[tuple[float, float, int]],
+           events: Sequence[tuple[float, str, str, float]], t0: float, gap: float = 0.1,
+           before: float = 0.5) -> list[dict[str, Any]]:
+    """Slow operations grouped into bursts, each beside the events near it (pure).
+
+    ``slow``: (start, worst ms, count), starts in seconds from ``t0``, sorted;
+    starts less than ``gap`` s apart join one burst. ``events``: (time.monotonic(),
+    source, kind, ms), e.g. a member's compaction hold or long collection; an
+    event is listed with a burst if it began from ``before`` s ahead of the
+    burst's first start to its last, with ``at_ms`` its start relative to the
+    burst's first."""
+    groups: list[list[Any]] = []
+    for t, worst, n in slow:
+        if groups and t - groups[-1][1] <= gap:
+            b = groups[-1]
+            b[1], b[2], b[3] = t, max(b[2], worst), b[3] + n
+        else:
+            groups.append([t, t, worst, n])
+    ordered = sorted(events)
+    out = []
+    for start, end, worst, n in groups:
+        near = [{"member": src, "kind": kind, "ms": ms, "at_ms": round((t - t0 - start) * 1000)}
+                for t, src, kind, ms in ordered if start - before <= t - t0 <= end]
+        out.append({"at_s": round(start, 2), "worst_ms": worst, "commands": n, "near": near})
+    return out
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """count, p50, p90, p99, max and mean of ``values`` (seconds in, milliseconds out)."""
     s = sorted(values)

@@ -38,6 +38,7 @@ from . import loadgen
 from .common import (
     BenchCluster,
     Options,
+    bursts,
     finish,
     fmt_ms,
     fmt_rate,
@@ -76,6 +77,10 @@ ACK_BATCH = 128
 ACK_FLUSH = 0.05
 DRAIN_SECONDS = 5.0
 MAX_SENDER_INFLIGHT = 2000
+SLOW_E2E = 0.1
+"""A message delivered this long after its send started is listed in the phase's
+stalls, grouped into bursts beside the nodes' own stalls (``stalls`` in their
+admin status: Raft-thread holds and long collections of the node process)."""
 
 
 # --- (a) logins -----------------------------------------------------------------------------
@@ -152,6 +157,7 @@ class MsgState:
     duplicates: int = 0
     e2e: list[float] = field(default_factory=list)
     commit: list[float] = field(default_factory=list)
+    slow: list[tuple[float, float]] = field(default_factory=list)  # (send start, e2e s)
     seen: set[int] = field(default_factory=set)
     committed_ids: dict[int, set[int]] = field(default_factory=dict)  # recipient -> ids
 
@@ -188,6 +194,8 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
             stamp = loadgen.read_stamp(f["body"])
             if stamp is not None and in_window(stamp[0]):
                 st.e2e.append(now - stamp[0])
+                if now - stamp[0] >= SLOW_E2E:
+                    st.slow.append((stamp[0], now - stamp[0]))
             if in_window(now):
                 st.delivered_in_window += 1
         pend = acks[c.index]
@@ -275,6 +283,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
             while any(s.pending for s in ok_s) or st.delivered < st.committed:
                 await trio.sleep(0.05)
         await trio.sleep(0.2)  # room for a (wrong) duplicate
+        stalls = await _phase_stalls(bc, st)
         await logout_all(live, timeout=10.0)
         nursery.cancel_scope.cancel()
     prog.update(task, completed=plan.message_seconds)
@@ -297,6 +306,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
         "shed": st.shed, "duplicates": st.duplicates, "missing": missing,
         "undelivered_closed_recipient": stranded, "cpu": cpu,
         "e2e": summarize(st.e2e), "commit": summarize(st.commit),
+        "stalls": stalls,
         "failures": counters.as_dict(),
     }
 
@@ -327,6 +337,17 @@ async def _run(opts: Options, bc: BenchCluster, plan: Plan) -> dict[str, Any]:
 
 def _cpu(c: dict[str, float]) -> str:
     return f"{c['nodes_cores']:.2f}/{c['bench_cores']:.2f}/{c['others_cores']:.2f}"
+
+
+async def _phase_stalls(bc: BenchCluster, st: MsgState) -> list[dict[str, Any]]:
+    """The phase's slow deliveries in bursts, beside the nodes' stalls (the
+    bench's ``perf_counter`` and the nodes' ``monotonic`` are the same clock)."""
+    statuses = await trio.to_thread.run_sync(bc.c.statuses)
+    events = [(t, nid, kind, ms) for nid, s in statuses.items() if s
+              for t, kind, ms in s.get("stalls", [])]
+    t0 = st.measuring_from
+    slow = [(t - t0, round(e2e * 1000, 1), 1) for t, e2e in sorted(st.slow)]
+    return bursts(slow, events, t0)
 
 
 def _print(opts: Options, res: dict[str, Any]) -> None:
@@ -376,6 +397,15 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
          "commit p99", "miss/dup/shed/drop/err", "CPU n/b/o"], rows,
         caption="latencies in ms; CPU in cores: nodes/bench process/other processes; "
                 "drop = connections the node closed"))
+    for m in res["messages"]:
+        worst = sorted(m.get("stalls", []), key=lambda b: -b["worst_ms"])[:3]
+        if worst:
+            con.print(f"  {m['placement']} node, {m['offered_per_s'] or 'max'}: slowest bursts "
+                      f"(>= {SLOW_E2E * 1000:.0f} ms): " + "; ".join(
+                          f"at {b['at_s']} s worst {b['worst_ms']:.0f} ms x{b['commands']}"
+                          + (" near " + ", ".join(f"{e['member']} {e['kind']} {e['ms']:.0f} ms "
+                                                  f"@{e['at_ms']:+d}" for e in b["near"][:4])
+                             if b["near"] else "") for b in worst))
     con.print(make_table(
         "node counters after the run", ["node", "term", "batches", "commands", "retries",
                                         "timeouts", "fenced refusals", "dropped slow",

@@ -41,7 +41,17 @@ from typing import Any
 from cluster.ports import free_base_port
 from replication.raft import RaftTimings
 
-from .common import CpuMeter, Options, emit, fmt_ms, fmt_rate, machine_info, make_table, progress
+from .common import (
+    CpuMeter,
+    Options,
+    bursts,
+    emit,
+    fmt_ms,
+    fmt_rate,
+    machine_info,
+    make_table,
+    progress,
+)
 from .procs import HelperError, LineProc, loadavg
 
 CONFIGS: dict[str, tuple[str, bool, bool]] = {  # mode, fsync, pre-encoded batches
@@ -439,28 +449,15 @@ def stalls(run: dict[str, Any], rates: list[float], gap: float = 0.1,
     phase, grouped into bursts (``gap`` s apart at least), each with the
     members' tick-thread holds (compaction fork, journal cut) and collections
     of 5 ms or more that began from ``before`` s ahead of the burst to its end."""
-    events = sorted((t, name, kind, ms) for name, st in run.get("stats", {}).items()
-                    for t, kind, ms in st.get("events", []))
+    events = [(t, name, kind, ms) for name, st in run.get("stats", {}).items()
+              for t, kind, ms in st.get("events", [])]
     out: list[dict[str, Any]] = []
     for rate in rates:
         p = run.get(f"{int(rate)}", {})
-        slow, t0 = p.get("slow_batches") or [], p.get("t0_monotonic")
-        if t0 is None:
-            continue
-        bursts: list[list[Any]] = []
-        for t, worst, n in slow:
-            if bursts and t - bursts[-1][1] <= gap:
-                b = bursts[-1]
-                b[1], b[2], b[3] = t, max(b[2], worst), b[3] + n
-            else:
-                bursts.append([t, t, worst, n])
-        for start, end, worst, n in bursts:
-            near = [{"member": name, "kind": kind, "ms": ms,
-                     "at_ms": round((t - t0 - start) * 1000)}
-                    for t, name, kind, ms in events
-                    if start - before <= t - t0 <= end]
-            out.append({"rate": rate, "at_s": round(start, 2), "worst_ms": worst,
-                        "commands": n, "near": near})
+        t0 = p.get("t0_monotonic")
+        if t0 is not None:
+            out += [{"rate": rate, **b}
+                    for b in bursts(p.get("slow_batches") or [], events, t0, gap, before)]
     return out
 
 

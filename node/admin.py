@@ -344,6 +344,9 @@ def node_status(config: NodeConfig, core: Core, gateway: GatewayLike,
         "insecure": config.insecure,
         "tls": config.tls_cert is not None,
         "workers": gateway.workers(),
+        # [time.monotonic() at the start, kind, ms]: see Core.recent_stalls
+        "stalls": [[round(t, 4), kind, round(sec * 1000, 1)]
+                   for t, kind, sec in core.recent_stalls()],
     }
 
 

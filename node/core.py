@@ -616,6 +616,14 @@ class Core:
 
     # --- introspection ------------------------------------------------------------------
 
+    @staticmethod
+    def recent_stalls() -> list[tuple[float, str, float]]:
+        """This process's latest holds of the replication thread (compaction fork,
+        journal cut) and collections of 5 ms or more: (time.monotonic() at the
+        start, kind, seconds), oldest first; to set beside latency spikes."""
+        gcs = [(t, f"gc{gen}", sec) for t, gen, sec in collector.pause_meter().long_pauses()]
+        return sorted([*ReplicatedLog.recent_holds(), *gcs])
+
     def statistics(self) -> CoreStats:
         st = self.stats
         st.queued = len(self._queue)

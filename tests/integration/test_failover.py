@@ -208,6 +208,7 @@ async def test_restarted_node_catches_up(make_cluster: Callable[..., Cluster],
     """A node restarted with its data dir rejoins and catches up; with an empty data
     dir it catches up from its peers (a snapshot, compaction being forced small)."""
     c = make_cluster(node_args=["--compaction-entries", "50"])
+    t0 = time.monotonic()
     leader = c.leader()
     victim = next(s for s in c.specs if s.id != leader)
     live = [s for s in c.specs if s.id != victim.id]
@@ -224,6 +225,11 @@ async def test_restarted_node_catches_up(make_cluster: Callable[..., Cluster],
         digests = await trio.to_thread.run_sync(
             _checkpoint_digests, c, [s.id for s in c.specs])
         assert len(digests) == 1
+        # Each compaction forked a child: the nodes list those holds among their
+        # stalls, in the machine's monotonic clock.
+        now = time.monotonic()
+        forks = [e for s in live for e in c.status(s.id)["stalls"] if e[1] == "fork"]
+        assert forks and all(t0 <= e[0] <= now and e[2] >= 0 for e in forks), forks
         async with client.connect([victim.client], user="user3",
                                   token=c.token("user3")) as u:
             m = await u.next_event(10)
