@@ -16,8 +16,10 @@ Every configuration gets the same proposer and the same commands
 (``repl_node.Workload``): N sessions are logged in through the log (plus 4
 allow + subscribe pairs each), then a mix of 50% ``SetPresence``, 40% ``Send``
 (64-byte bodies) and 10% ``Ack``; batches of up to 1,000 commands encoded with
-``encode_batch``, up to K=2 batches in flight (a node's default
-``--batches-in-flight``), the next formed from what queued meanwhile.
+``encode_batch``, up to K batches in flight (``fsm``: 2, a node's default
+``--batches-in-flight``; the raw baselines: 1, the notes' method, as plain
+pysyncobj gives each batch an entry of its own), the next formed from what
+queued meanwhile.
 Phases: max (the queue never runs dry: committed commands/s over a fixed
 window) and offered loads of 5k, 20k and 50k commands/s (commit latency
 from each command's scheduled enqueue time to its batch's apply on the
@@ -116,7 +118,11 @@ class ReplGroup:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"switchboard-bench-repl-{config}-"))
         self.run = run
         self.batch = batch
-        self.k = k
+        # Plain pysyncobj appends each proposal as an entry of its own: with more
+        # than one in flight it re-sends entries and can reassemble a chunked one
+        # wrongly (seen here at K=2: "pickle data was truncated"). The baselines keep
+        # the notes' K=1; the node's leader merges queued batches into one entry.
+        self.k = k if self.mode == "fsm" else 1
         self.procs: list[LineProc] = []
         self.addrs: list[str] = []
         self.leader = -1
@@ -416,7 +422,7 @@ def run(opts: Options) -> dict[str, Any]:
     opts.console.print(
         f"revision {machine['revision']}; 3 repl_node processes on 127.0.0.1 per configuration; "
         f"{plan.sessions} sessions; batches of <= {plan.batch} commands, "
-        f"K={plan.batches_in_flight} in flight; configurations "
+        f"K={plan.batches_in_flight} in flight (raw: 1); configurations "
         f"in order: {', '.join(plan.configs)}")
     runs: list[dict[str, Any]] = []
     phases = 1 + len(plan.rates)
