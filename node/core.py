@@ -180,7 +180,7 @@ class Core:
             heapq.heappush(self._deadlines, (deadline, rid))
         self._queue.append((rid, cmd))
         if len(self._inflight) < self.config.batches_in_flight:
-            self._propose_next()
+            self._fill()
 
     async def request(self, cmd: Command, timeout: float | None = None) -> Result:
         """Submit ``cmd`` and wait for its result (a checkpoint)."""
