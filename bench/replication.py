@@ -118,10 +118,10 @@ class ReplGroup:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"switchboard-bench-repl-{config}-"))
         self.run = run
         self.batch = batch
-        # Plain pysyncobj appends each proposal as an entry of its own: with more
-        # than one in flight it re-sends entries and can reassemble a chunked one
-        # wrongly (seen here at K=2: "pickle data was truncated"). The baselines keep
-        # the notes' K=1; the node's leader merges queued batches into one entry.
+        # Plain pysyncobj appends each proposal as an entry of its own, so K batches
+        # are K entries in flight, which makes it re-send entries (the notes). The
+        # baselines keep the notes' K=1; the node's leader merges queued batches
+        # into one entry.
         self.k = k if self.mode == "fsm" else 1
         self.procs: list[LineProc] = []
         self.addrs: list[str] = []
