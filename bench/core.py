@@ -38,6 +38,7 @@ from . import loadgen
 from .common import (
     BenchCluster,
     Options,
+    burst_text,
     bursts,
     finish,
     fmt_ms,
@@ -398,14 +399,10 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
         caption="latencies in ms; CPU in cores: nodes/bench process/other processes; "
                 "drop = connections the node closed"))
     for m in res["messages"]:
-        worst = sorted(m.get("stalls", []), key=lambda b: -b["worst_ms"])[:3]
-        if worst:
-            con.print(f"  {m['placement']} node, {m['offered_per_s'] or 'max'}: slowest bursts "
-                      f"(>= {SLOW_E2E * 1000:.0f} ms): " + "; ".join(
-                          f"at {b['at_s']} s worst {b['worst_ms']:.0f} ms x{b['commands']}"
-                          + (" near " + ", ".join(f"{e['member']} {e['kind']} {e['ms']:.0f} ms "
-                                                  f"@{e['at_ms']:+d}" for e in b["near"][:4])
-                             if b["near"] else "") for b in worst))
+        load = f"{fmt_rate(m['offered_per_s'])}/s" if m["offered_per_s"] else "max"
+        for b in sorted(m.get("stalls", []), key=lambda b: -b["worst_ms"])[:3]:
+            con.print(f"  deliveries >= {SLOW_E2E * 1000:.0f} ms, {m['placement']} node, {load}, "
+                      f"{burst_text(b, 'messages', near_max=4)}")
     con.print(make_table(
         "node counters after the run", ["node", "term", "batches", "commands", "retries",
                                         "timeouts", "fenced refusals", "dropped slow",

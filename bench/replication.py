@@ -46,6 +46,7 @@ from replication.raft import RaftTimings
 from .common import (
     CpuMeter,
     Options,
+    burst_text,
     bursts,
     emit,
     fmt_ms,
@@ -525,10 +526,7 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
                   f"lines {r['log_lines'] or 'none'}{extra}")
         worst = sorted(stalls(r, res["plan"]["rates"]), key=lambda b: -b["worst_ms"])[:4]
         for b in worst:
-            near = ", ".join(f"{e['member']} {e['kind']} {e['ms']:.0f} ms at {e['at_ms']:+d} ms"
-                             for e in b["near"]) or "no fork, cut or collection of 5 ms or more"
-            con.print(f"  stall at {fmt_rate(b['rate'])}/s, {b['at_s']:.2f} s into the phase: "
-                      f"worst {b['worst_ms']:.0f} ms, {b['commands']} commands; near: {near}")
+            con.print(f"  stall at {fmt_rate(b['rate'])}/s, {burst_text(b, 'commands')}")
     u = res["unit_costs"]
     con.print("per-command cost in one process (µs): generate {:.1f}, encode {:.1f}, apply on "
               "the leader {:.1f}, on a follower {:.1f}; {:.0f} bytes per command in a batch"

@@ -179,8 +179,7 @@ class Core:
         if deadline != math.inf:
             heapq.heappush(self._deadlines, (deadline, rid))
         self._queue.append((rid, cmd))
-        if len(self._inflight) < self.config.batches_in_flight:
-            self._fill()
+        self._fill()
 
     async def request(self, cmd: Command, timeout: float | None = None) -> Result:
         """Submit ``cmd`` and wait for its result (a checkpoint)."""
@@ -280,7 +279,7 @@ class Core:
 
     def _on_restored(self) -> None:
         # Still on the replication thread, which owns the table.
-        applied = self.table.batch_seqs.get(self.node_id, {}).get(self.inc, 0)
+        applied = self.table.applied_batch(self.node_id, self.inc)
         self._from_raft_thread("restored", (self.table.local_sessions(),
                                             self.table.restore_view(), applied))
 
@@ -379,10 +378,8 @@ class Core:
         inflight = self._inflight
         while inflight and inflight[0].seq <= seq:
             inflight.popleft()
-        if self._resend_from is not None and (not inflight or self._resend_from < inflight[0].seq):
-            self._resend_from = inflight[0].seq if inflight else None
-            if self._resend_from is None:
-                self._resend_at = math.inf
+        if not inflight:  # nothing left to propose again; new batches may go
+            self._resend_from, self._resend_at = None, math.inf
 
     def _record_checkpoint(self, tag: str, index: int, digest: str) -> None:
         self.checkpoints[tag] = (index, digest)

@@ -280,18 +280,23 @@ class SessionTable:
             return error("invalid", f"unknown command {cmd.op!r}"), []
         return handler(cmd)
 
+    def applied_batch(self, origin: str, inc: int) -> int:
+        """The last ordered batch of ``origin``'s incarnation ``inc`` applied (0: none)."""
+        seqs = self.batch_seqs.get(origin)
+        return seqs.get(inc, 0) if seqs is not None else 0
+
     def admit_batch(self, origin: str, inc: int, seq: int) -> str:
         """Decide whether an ordered batch applies, and if so record it: the next
         one of its proposer's incarnation applies (``BATCH_APPLY``), one already
         applied is skipped (``BATCH_DUPLICATE``) and one beyond the next is
         refused (``BATCH_GAP``): an earlier one was lost, and its proposer sends
         it again, then this one."""
-        seqs = self.batch_seqs.get(origin)
-        last = seqs.get(inc, 0) if seqs is not None else 0
+        last = self.applied_batch(origin, inc)
         if seq <= last:
             return BATCH_DUPLICATE
         if seq != last + 1:
             return BATCH_GAP
+        seqs = self.batch_seqs.get(origin)
         if seqs is None:
             seqs = self.batch_seqs[origin] = {}
         elif last == 0 and len(seqs) >= BATCH_INCARNATIONS:
