@@ -17,7 +17,7 @@ import pytest
 
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Noop
-from replication.raft import APPEND_ENTRIES_BYTES
+from replication.raft import APPEND_ENTRIES_BYTES, RaftTimings
 
 from .raftgroup import leader_of, raft_group
 
@@ -140,3 +140,58 @@ def test_leadership_transfer_runs_on_the_tick_thread(tmp_path: Path) -> None:
         while logs[k].status().role == "leader":
             assert time.monotonic() < deadline, "leadership did not move"
             time.sleep(0.05)
+
+
+def test_a_paced_leader_lets_batches_share_the_next_entry(tmp_path: Path) -> None:
+    """With ``entry_interval`` set, the leader starts a new entry no sooner than
+    that after its previous one: batches proposed right after an entry share the
+    next one, which starts on time; after a quiet spell a batch goes at once."""
+    interval = 0.4
+    applied: list[tuple[int, int, float]] = []  # (seq, log index, when), on the leader
+    lock = threading.Lock()
+    leader_k = [-1]
+
+    def recorder(k: int) -> Callable[[int, AppliedBatch], None]:
+        def on_applied(index: int, batch: AppliedBatch) -> None:
+            if batch.origin == "paced" and k == leader_k[0]:
+                with lock:
+                    applied.append((batch.seq, index, time.monotonic()))
+        return on_applied
+
+    def wait_applied(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            with lock:
+                if len(applied) >= n:
+                    return
+            assert time.monotonic() < deadline, applied
+            time.sleep(0.005)
+
+    with raft_group(tmp_path, on_applied=recorder, fsync=False,
+                    timings=RaftTimings(entry_interval=interval)) as logs:
+        leader_k[0] = leader_of(logs)
+        leader = logs[leader_k[0]]
+        failures: list[str] = []
+
+        def propose(seq: int) -> None:
+            leader.propose(encode_batch("paced", 1, seq, [(seq, Noop())]),
+                           lambda reason, _maybe: failures.append(reason))
+
+        time.sleep(interval)  # quiet: nothing proposed for a whole interval
+        t0 = time.monotonic()
+        propose(1)
+        wait_applied(1)
+        assert applied[0][2] - t0 < interval / 2, "a batch after a quiet spell waited"
+        for seq in range(2, 7):  # one after another, right after entry 1
+            propose(seq)
+            time.sleep(0.01)
+        wait_applied(6)
+        assert not failures
+        assert [s for s, _, _ in applied] == [1, 2, 3, 4, 5, 6]
+        indices = {i for s, i, _ in applied if s > 1}
+        assert len(indices) == 1, applied  # unpaced: batch 2 went alone, at once
+        assert indices.pop() == applied[0][1] + 1
+        # Started when due (the tick's poll is cut short), not at its next 20 ms tick
+        # or heartbeat: well before a second interval has passed.
+        waited = applied[1][2] - applied[0][2]
+        assert interval * 0.8 <= waited < interval * 1.6, waited
