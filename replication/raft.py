@@ -1084,18 +1084,18 @@ class _SyncObj(SyncObj):
         message with no entries and the same commit index, which each follower
         decoded and answered, doubling the messages per entry under load. That
         send is skipped when every connected follower has been sent every entry
-        and this commit index in this term, and no heartbeat is due. It is also
-        skipped when only the commit index is new and a paced entry is due
-        within ``entry_interval``: that entry carries it.
+        and this commit index in this term, and no heartbeat is due. (While the
+        next entry waits for its pacing, the commit-only message does go out:
+        the followers apply at once, and their proposers' next batches can
+        still reach the leader in time for that entry.)
         """
         told = self._sb_told
         if told is not None and _psyncobj.monotonicTime() <= self._SyncObj__newAppendEntriesTime:
             last = self._SyncObj__getCurrentLogIndex()
             connected = self._SyncObj__connectedNodes
             next_index = self._SyncObj__raftNextIndex
-            if (told[1] == last and told[2] == self._SyncObj__raftCurrentTerm
-                    and told[3] == connected
-                    and (told[0] == self._SyncObj__raftCommitIndex or self._sb_wake_at)
+            if (told[0] == self._SyncObj__raftCommitIndex and told[1] == last
+                    and told[2] == self._SyncObj__raftCurrentTerm and told[3] == connected
                     and all(next_index.get(node, 0) > last
                             for node in self._SyncObj__otherNodes | self._SyncObj__readonlyNodes
                             if node in connected)):

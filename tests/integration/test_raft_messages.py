@@ -69,27 +69,43 @@ class Applied:
             time.sleep(0.2)
 
 
-def test_a_burst_costs_about_one_message_per_follower_each_way(tmp_path: Path) -> None:
+def _burst(tmp_path: Path, interval: float) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    """Entries and peer frames for 3,000 proposals queued while entries are in
+    flight (each entry commits with the next one already queued)."""
     applied = Applied()
-    with raft_group(tmp_path, applied.callback, fsync=True) as logs:
+    with raft_group(tmp_path, applied.callback, fsync=True,
+                    timings=raft.RaftTimings(entry_interval=interval)) as logs:
         leader = logs[leader_of(logs)]
         propose_noop(leader, 1)
         start = applied.settle()
         sends0 = ReplicatedLog.send_statistics()
-        # Proposals queue while an entry is in flight: each entry commits with
-        # the next one already queued, the case the commit-only message doubled.
         for seq in range(2, 3002):
             propose_noop(leader, seq)
             if seq % 10 == 0:
                 time.sleep(0.001)
         entries = applied.settle() - start
         sends1 = ReplicatedLog.send_statistics()
-    frames = sends1[3] - sends0[3]
+    return entries, sends1[3] - sends0[3], sends0, sends1
+
+
+def test_a_burst_costs_about_one_message_per_follower_each_way(tmp_path: Path) -> None:
+    # Unpaced: the next entry goes out at the commit, carrying the commit index.
+    entries, frames, sends0, sends1 = _burst(tmp_path, 0.0)
     assert entries >= 20, entries
     # 4 for an entry (out to 2 followers, 2 answers) plus heartbeats; 8 before.
     assert frames / entries < 6.0, (frames, entries)
     assert sends1[1] > sends0[1]  # commit-only sends skipped
     assert sends1[2] >= sends0[2]
+
+
+def test_a_paced_burst_adds_only_the_commit_only_messages(tmp_path: Path) -> None:
+    """Paced, the commit index goes out at once in a commit-only message (the
+    next entry waits): 2 more frames per entry, and the followers do not
+    answer them (their answer would repeat the one for the entry)."""
+    entries, frames, sends0, sends1 = _burst(tmp_path, 0.001)
+    assert entries >= 20, entries
+    assert frames / entries < 7.0, (frames, entries)  # 8 if the followers answered them
+    assert sends1[2] > sends0[2]  # repeated answers skipped
 
 
 def test_one_proposal_at_a_time_followers_answer_once(tmp_path: Path) -> None:
