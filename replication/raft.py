@@ -1024,8 +1024,8 @@ class _SyncObj(SyncObj):
         self._sb_answered: dict[Any, tuple[int, int, float]] = {}
         self._sb_last_append = 0.0  # time.monotonic() of the leader's latest new entry
         self._sb_wake_at = 0.0  # the tick's poll ends by then: a paced entry is due
+        self._sb_interval = float(getattr(kwargs.get("conf"), "sb_entry_interval", 0.0))
         super().__init__(*args, **kwargs)
-        self._sb_interval = float(getattr(self._SyncObj__conf, "sb_entry_interval", 0.0))
         poller = self._poller
         base_poll = poller.poll
 

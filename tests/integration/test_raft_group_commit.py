@@ -195,3 +195,14 @@ def test_a_paced_leader_lets_batches_share_the_next_entry(tmp_path: Path) -> Non
         # or heartbeat: well before a second interval has passed.
         waited = applied[1][2] - applied[0][2]
         assert interval * 0.8 <= waited < interval * 1.6, waited
+
+
+def test_the_group_commit_state_stays_out_of_snapshots(tmp_path: Path) -> None:
+    """pysyncobj pickles every attribute set after its constructor into each
+    snapshot (replicated state); the leader's pacing and send bookkeeping is
+    per-process, so it is all set before."""
+    with raft_group(tmp_path, fsync=False) as logs:
+        for lg in logs:
+            sync = lg._sync
+            replicated = set(vars(sync)) - sync._SyncObj__properies  # type: ignore[attr-defined]
+            assert not {k for k in replicated if k.startswith("_sb_")}, replicated
