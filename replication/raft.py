@@ -236,9 +236,9 @@ class _DurableFileJournal(_pjournal.FileJournal):
     leader's append of new entries and the apply of the committed one) an added
     entry is fsynced when deferring ends, after pysyncobj has sent it to the
     followers, so the leader's fsync overlaps the followers' instead of
-    preceding it. It still ends before the
-    tick thread reads the followers' answers, so the leader's copy is durable
-    before the leader counts itself toward the entry's commit.
+    preceding it. It still ends before the tick thread reads the followers'
+    answers, so the leader's copy is durable before the leader counts itself
+    toward the entry's commit.
     """
 
     fsync_count = 0
@@ -1181,12 +1181,12 @@ class _SyncObj(SyncObj):
     def _leader_append(self) -> None:
         if self._SyncObj__raftCommitIndex < self._SyncObj__getCurrentLogIndex():
             return  # an entry in flight: what is queued goes in the next one
+        queue = self._SyncObj__commandsQueue
         due = self._sb_last_append + self._sb_interval
-        if due > time.monotonic() and self._SyncObj__commandsQueue._FastQueue__queue:
+        if queue._FastQueue__queue and due > time.monotonic():
             self._sb_wake_at = due  # paced: more batches join this entry meanwhile
             return
         single_id, merged_id = self._batch_ids()
-        queue = self._SyncObj__commandsQueue
         blobs: list[bytes] = []
         waiters: list[Any] = []
         first = b""

@@ -31,47 +31,66 @@ def _last_index(journal: Any) -> int:
     return int(pjournal.FileJournal.__getitem__(journal, -1)[1])
 
 
-def test_leader_fsyncs_after_sending_and_before_applying(tmp_path: Path) -> None:
-    events: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    is_leader = [False] * 3
+class _Recorder:
+    """The leader's sends, fsyncs and applies of origin ``t``, in order, each with
+    the log index they concern (the journal's last entry for a send or fsync)."""
 
-    def on_applied(member: int) -> Any:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+        self.is_leader = [False] * 3
+
+    def on_applied(self, member: int) -> Any:
         def record(index: int, batch: AppliedBatch) -> None:
-            if is_leader[member] and batch.origin == "t":
-                with lock:
-                    events.append(("applied", index))
+            if self.is_leader[member] and batch.origin == "t":
+                with self.lock:
+                    self.events.append(("applied", index))
         return record
 
-    with raft_group(tmp_path, on_applied, fsync=True) as logs:
+    def watch(self, logs: list[Any]) -> int:
+        """Hook the leader's fsync and send; the leader's index."""
         k = leader_of(logs)
         sync = logs[k]._sync
-        journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
-        fsync, send = journal._sync, sync._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
+        journal = sync._SyncObj__raftLog
+        fsync, send = journal._sync, sync._SyncObj__sendAppendEntries
 
         def recording_fsync() -> None:
-            with lock:
-                events.append(("fsync", _last_index(journal)))
+            with self.lock:
+                self.events.append(("fsync", _last_index(journal)))
             fsync()
 
         def recording_send(*args: Any, **kwargs: Any) -> Any:
-            with lock:
-                events.append(("send", _last_index(journal)))
+            with self.lock:
+                self.events.append(("send", _last_index(journal)))
             return send(*args, **kwargs)
 
         journal._sync = recording_fsync
-        sync._SyncObj__sendAppendEntries = recording_send  # type: ignore[attr-defined]
-        is_leader[k] = True
+        sync._SyncObj__sendAppendEntries = recording_send
+        self.is_leader[k] = True
+        return k
+
+    def applied(self) -> int:
+        with self.lock:
+            return sum(1 for e in self.events if e[0] == "applied")
+
+    def seen(self) -> list[tuple[str, int]]:
+        with self.lock:
+            return list(self.events)
+
+
+def test_leader_fsyncs_after_sending_and_before_applying(tmp_path: Path) -> None:
+    rec = _Recorder()
+    with raft_group(tmp_path, rec.on_applied, fsync=True) as logs:
+        k = rec.watch(logs)
         failures: list[str] = []
         for seq in range(1, 6):
             logs[k].propose(encode_batch("t", 1, seq, [(0, Noop())]),
                             lambda reason, _maybe: failures.append(reason))
             deadline = time.monotonic() + 10
-            while sum(1 for e in events if e[0] == "applied") < seq:
+            while rec.applied() < seq:
                 assert time.monotonic() < deadline, f"batch {seq} not applied: {failures}"
                 time.sleep(0.01)
-        with lock:
-            seen = list(events)
+        seen = rec.seen()
         for _, index in (e for e in seen if e[0] == "applied"):
             first_fsync = next(i for i, e in enumerate(seen) if e[0] == "fsync" and e[1] >= index)
             first_send = next(i for i, e in enumerate(seen) if e[0] == "send" and e[1] >= index)
@@ -112,38 +131,11 @@ def test_leader_applies_the_committed_entry_before_fsyncing_the_next(tmp_path: P
     """When an entry commits, the leader sends the next one, applies the committed
     one and only then fsyncs the next, so the committed entry's proposers do not
     wait for that fsync (before, they did: send, fsync, apply)."""
-    events: list[tuple[str, int]] = []
-    lock = threading.Lock()
-    is_leader = [False] * 3
-
-    def on_applied(member: int) -> Any:
-        def record(index: int, batch: AppliedBatch) -> None:
-            if is_leader[member] and batch.origin == "t":
-                with lock:
-                    events.append(("applied", index))
-        return record
-
+    rec = _Recorder()
     # No pacing: the next entry goes as soon as the previous one commits.
-    with raft_group(tmp_path, on_applied, fsync=True,
+    with raft_group(tmp_path, rec.on_applied, fsync=True,
                     timings=RaftTimings(entry_interval=0.0)) as logs:
-        k = leader_of(logs)
-        sync = logs[k]._sync
-        journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
-        fsync, send = journal._sync, sync._SyncObj__sendAppendEntries  # type: ignore[attr-defined]
-
-        def recording_fsync() -> None:
-            with lock:
-                events.append(("fsync", _last_index(journal)))
-            fsync()
-
-        def recording_send(*args: Any, **kwargs: Any) -> Any:
-            with lock:
-                events.append(("send", _last_index(journal)))
-            return send(*args, **kwargs)
-
-        journal._sync = recording_fsync
-        sync._SyncObj__sendAppendEntries = recording_send  # type: ignore[attr-defined]
-        is_leader[k] = True
+        k = rec.watch(logs)
         failures: list[str] = []
         for seq in range(1, 501):  # faster than entries commit: some always queued
             logs[k].propose(encode_batch("t", 1, seq, [(0, Noop())]),
@@ -151,11 +143,10 @@ def test_leader_applies_the_committed_entry_before_fsyncing_the_next(tmp_path: P
             if seq % 5 == 0:
                 time.sleep(0.001)
         deadline = time.monotonic() + 20
-        while sum(1 for e in events if e[0] == "applied") < 500:
+        while rec.applied() < 500:
             assert time.monotonic() < deadline, f"not all applied: {failures}"
             time.sleep(0.01)
-        with lock:
-            seen = list(events)
+        seen = rec.seen()
     overlapped = 0
     for at, (kind, index) in enumerate(seen):
         if kind != "applied" or (at > 0 and seen[at - 1] == ("applied", index)):
