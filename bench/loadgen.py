@@ -4,8 +4,11 @@ The client library (``client.session``) is built for one application session:
 anyio streams, a task group, a pinger and an events queue per session. On this
 2-core machine that costs as much CPU as the nodes themselves, so the benches
 generate load with this module instead: one ``RawConn`` per connection, a
-reader task and a writer task each, many connections in one nursery, requests
-pipelined and matched to their replies by ``rid``. No reconnects, no resume,
+reader task each, many connections in one nursery, requests pipelined and
+matched to their replies by ``rid``. Frames are written on the socket at once
+(those queued while the connection's own replies are being handled go out
+together after them); a writer task takes over only when the socket is full,
+so a request costs no task step of its own. No reconnects, no resume,
 no retries: a bench connection that fails is counted, not repaired.
 
 Time stamps are ``time.perf_counter()`` of this process; a reply is stamped
@@ -14,6 +17,7 @@ when the chunk carrying it was received.
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -138,7 +142,10 @@ class RawConn:
         # A local (source) address to bind before connecting: one source address
         # gives at most ~28k connections to one server address (ephemeral ports).
         self.source: str | None = None
+        self._sock: socket.socket | None = None
         self._out: list[bytes] = []
+        self._corked = False  # handling frames of one read: their requests go out after
+        self._writing = False  # the writer task holds unsent bytes (the socket was full)
         self._wake = trio.Event()
 
     # --- setting up -----------------------------------------------------------------------
@@ -146,7 +153,9 @@ class RawConn:
     async def connect(self) -> None:
         """Open the TCP connection (raises OSError)."""
         self.t_connect = time.perf_counter()
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setblocking(False)
+        sock = trio.socket.from_stdlib_socket(raw)
         try:
             sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             if self.kernel_stamps:
@@ -161,6 +170,7 @@ class RawConn:
         except BaseException:
             sock.close()
             raise
+        self._sock = raw
         self.stream = trio.SocketStream(sock)
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -173,18 +183,16 @@ class RawConn:
     # --- writing ------------------------------------------------------------------------------
 
     def post(self, frame: dict[str, Any]) -> None:
-        """Queue a frame that expects no reply matched by rid."""
-        self._out.append(encode(frame))
-        self._wake.set()
+        """Send a frame that expects no reply matched by rid."""
+        self._emit(encode(frame))
 
     def request(self, frame: dict[str, Any], kind: str, t0: float | None = None) -> int:
-        """Queue a request; its reply goes to ``on_reply`` with ``kind`` and ``t0``."""
+        """Send a request; its reply goes to ``on_reply`` with ``kind`` and ``t0``."""
         rid = self.next_rid
         self.next_rid += 1
         frame["rid"] = rid
         self.pending[rid] = (kind, time.perf_counter() if t0 is None else t0)
-        self._out.append(encode(frame))
-        self._wake.set()
+        self._emit(encode(frame))
         return rid
 
     def send_message(self, to: str, body: bytes, t0: float | None = None) -> int:
@@ -192,22 +200,49 @@ class RawConn:
         self.next_cmid += 1
         return self.request({"type": "send", "cmid": cmid, "to": to, "body": body}, "send", t0)
 
-    def flush_soon(self) -> None:
-        self._wake.set()
+    def _emit(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._corked and not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write what is queued on the socket now; the writer task gets the rest."""
+        if not self._out or self._sock is None or self.closed.is_set():
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out = []
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        self.last_tx = time.perf_counter()
+        if sent < len(data):
+            self._out.append(data[sent:])
+            self._writing = True  # until the writer task has sent it
+            self._wake.set()
 
     async def _writer(self) -> None:
-        stream = self.stream
-        assert stream is not None
+        sock = self._sock
+        assert sock is not None
         try:
             while not self.closed.is_set():
                 await self._wake.wait()
                 self._wake = trio.Event()
-                if self._out:
-                    data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+                while self._out and not self.closed.is_set():
+                    self._writing = True
+                    view = memoryview(b"".join(self._out))
                     self._out = []
+                    while view:
+                        try:
+                            view = view[sock.send(view):]
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(sock)
                     self.last_tx = time.perf_counter()
-                    await stream.send_all(data)
-        except TRANSPORT_ERRORS:
+                self._writing = False
+        except (trio.ClosedResourceError, OSError):
             self._lost()
 
     # --- reading -------------------------------------------------------------------------------
@@ -228,37 +263,47 @@ class RawConn:
                     break
                 now = time.perf_counter()
                 decoder.feed(data)
-                for f in decoder.frames():
-                    t = f["type"]
-                    if t == "deliver":
-                        self.on_deliver(self, f, now)
-                    elif t == "ok" or t == "error":
-                        rid = f.get("rid")
-                        p = pending.pop(rid, None) if rid is not None else None
-                        if t == "error":
-                            self.counters.error(f["code"])
-                            if not self.logged_in.is_set():
-                                self.login_error = f["code"]
-                                self.logged_in.set()
-                        if p is not None:
-                            self.on_reply(self, p[0], p[1], f, now)
-                    elif t == "login-ok":
-                        self.session = f["session"]
-                        self.node = f["node"]
-                        self.t_login_ok = now
-                        self.logged_in.set()
-                    elif t == "presence-event":
-                        self.on_presence(self, f, now)
-                    elif t == "bye":
-                        self.bye_code = f["code"]
-                        if not self.closing:
-                            self.counters.byes[f["code"]] = self.counters.byes.get(f["code"], 0) + 1
-                    # pong: nothing to do
+                self._corked = True
+                try:
+                    self._handle(decoder, pending, now)
+                finally:
+                    self._corked = False
+                if self._out and not self._writing:
+                    self._flush()
         except RemoteProtocolError:
             self.counters.protocol_errors += 1
         except TRANSPORT_ERRORS:
             pass
         self._lost()
+
+    def _handle(self, decoder: FrameDecoder, pending: dict[int, tuple[str, float]],
+                now: float) -> None:
+        for f in decoder.frames():
+            t = f["type"]
+            if t == "deliver":
+                self.on_deliver(self, f, now)
+            elif t == "ok" or t == "error":
+                rid = f.get("rid")
+                p = pending.pop(rid, None) if rid is not None else None
+                if t == "error":
+                    self.counters.error(f["code"])
+                    if not self.logged_in.is_set():
+                        self.login_error = f["code"]
+                        self.logged_in.set()
+                if p is not None:
+                    self.on_reply(self, p[0], p[1], f, now)
+            elif t == "login-ok":
+                self.session = f["session"]
+                self.node = f["node"]
+                self.t_login_ok = now
+                self.logged_in.set()
+            elif t == "presence-event":
+                self.on_presence(self, f, now)
+            elif t == "bye":
+                self.bye_code = f["code"]
+                if not self.closing:
+                    self.counters.byes[f["code"]] = self.counters.byes.get(f["code"], 0) + 1
+            # pong: nothing to do
 
     def _lost(self) -> None:
         if self.closed.is_set():
