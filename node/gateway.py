@@ -575,8 +575,12 @@ class ClientConnection:
         try:
             if self._direct:
                 # The read loop is inline: an idle connection is this one coroutine
-                # waiting in Trio's wait_readable, nothing else.
+                # waiting in Trio's wait_readable, nothing else. It yields to the
+                # other connections before handling a read only when the data was
+                # already waiting (a read right after a wait-readable has just
+                # yielded): one task step per request, not two.
                 sock = self.sock
+                waited = True
                 while not self.closing:
                     try:
                         data = sock.recv(65536)
@@ -586,11 +590,14 @@ class ClientConnection:
                         break
                     if data is None:
                         await trio.lowlevel.wait_readable(sock)
+                        waited = True
                         continue
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    waited = False
                     if not data or not await self._received(data):
                         break  # end of file, or close() shut the socket for reading
                     data = None
-                    await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 await self._run_tls()
         finally:
