@@ -934,7 +934,8 @@ class _AppendEntriesSends:
     skipped because they would have told the followers nothing new."""
 
     sent = 0
-    skipped = 0
+    skipped = 0  # (quiet ones included)
+    quiet = 0  # commit-only sends skipped: the commit concerned no follower
     answers_skipped = 0  # as a follower
 
 
@@ -1025,6 +1026,8 @@ class _SyncObj(SyncObj):
         self._sb_last_append = 0.0  # time.monotonic() of the leader's latest new entry
         self._sb_wake_at = 0.0  # the tick's poll ends by then: a paced entry is due
         self._sb_interval = float(getattr(kwargs.get("conf"), "sb_entry_interval", 0.0))
+        self._sb_forwarded = 0  # the latest entry carrying a follower's forwarded command
+        self._sb_quiet = False  # the commit just applied concerns no follower
         super().__init__(*args, **kwargs)
         poller = self._poller
         base_poll = poller.poll
@@ -1090,16 +1093,19 @@ class _SyncObj(SyncObj):
         still reach the leader in time for that entry.)
         """
         told = self._sb_told
+        quiet, self._sb_quiet = self._sb_quiet, False
         if told is not None and _psyncobj.monotonicTime() <= self._SyncObj__newAppendEntriesTime:
             last = self._SyncObj__getCurrentLogIndex()
             connected = self._SyncObj__connectedNodes
             next_index = self._SyncObj__raftNextIndex
-            if (told[0] == self._SyncObj__raftCommitIndex and told[1] == last
+            if ((quiet or told[0] == self._SyncObj__raftCommitIndex) and told[1] == last
                     and told[2] == self._SyncObj__raftCurrentTerm and told[3] == connected
                     and all(next_index.get(node, 0) > last
                             for node in self._SyncObj__otherNodes | self._SyncObj__readonlyNodes
                             if node in connected)):
                 _AppendEntriesSends.skipped += 1
+                if told[0] != self._SyncObj__raftCommitIndex:
+                    _AppendEntriesSends.quiet += 1
                 return
         _send_append_entries(self)
         _AppendEntriesSends.sent += 1
@@ -1154,14 +1160,36 @@ class _SyncObj(SyncObj):
         # A leader whose entry just committed sends the next one before applying,
         # so the followers replicate it while the leader applies, and fsyncs it
         # after applying, so the committed entry's proposers do not wait for it.
+        table = self._sb_table()
         if (self._SyncObj__raftState == _LEADER
                 and self._SyncObj__raftCommitIndex > self._SyncObj__raftLastApplied):
             journal = self._SyncObj__raftLog
+            if table is not None:
+                table.track_remote = True
             with journal.deferring() if isinstance(journal, _DurableFileJournal) \
                     else contextlib.nullcontext():
                 self._checkCommandsToApply()
-                return _apply_log_entries(self)
+                result = _apply_log_entries(self)
+            if table is not None:
+                # A commit-only message (sent after this, by pysyncobj's tick) tells
+                # the followers at once; needed only by one that holds a session
+                # the applied commands have effects for, or that proposed one of
+                # them. Any other commit rides the next entry or heartbeat.
+                told = self._sb_told
+                told_commit = told[0] if told is not None else 0
+                forwarded = told_commit < self._sb_forwarded <= self._SyncObj__raftCommitIndex
+                self._sb_quiet = not table.remote_nodes and not forwarded
+                table.remote_nodes.clear()
+            return result
+        if table is not None and table.track_remote:
+            table.track_remote = False
+            table.remote_nodes.clear()
         return _apply_log_entries(self)
+
+    def _sb_table(self) -> SessionTable | None:
+        consumers = self._SyncObj__consumers
+        consumer = consumers[0] if consumers else None
+        return consumer._applier.table if isinstance(consumer, _TableConsumer) else None
 
     def _checkCommandsToApply(self) -> None:
         journal = self._SyncObj__raftLog
@@ -1210,8 +1238,13 @@ class _SyncObj(SyncObj):
                 first = first or command
                 size += len(command)
         if not blobs:
-            # Anything else first (a membership change, a version switch): pysyncobj's way.
+            # Anything else first (a membership change, a version switch): pysyncobj's way;
+            # its commit goes to the followers at once (as if forwarded).
+            before = self._SyncObj__getCurrentLogIndex()
             super()._checkCommandsToApply()
+            after = self._SyncObj__getCurrentLogIndex()
+            if after != before:
+                self._sb_forwarded = after
             return
         if len(blobs) == 1:
             entry = first
@@ -1232,6 +1265,7 @@ class _SyncObj(SyncObj):
         for callback in waiters:
             if isinstance(callback, tuple):  # forwarded by a follower: tell it where
                 node, request_id = callback
+                self._sb_forwarded = idx
                 transport.send(node, {"type": "apply_command_response",
                                       "request_id": request_id, "log_idx": idx,
                                       "log_term": term})

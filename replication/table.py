@@ -248,6 +248,13 @@ class SessionTable:
         # proposer -> {incarnation: the last ordered batch applied}, in first-seen order
         self.batch_seqs: dict[str, dict[int, int]] = {}
         self.stats = TableStats()
+        # Not replicated state (never in a snapshot or digest): with track_remote
+        # on, the other nodes whose sessions the commands applied since the
+        # caller last cleared remote_nodes have effects for (a push, a close).
+        # The Raft leader sends those nodes a commit at once; a commit that
+        # concerns no other node rides the next entry or heartbeat instead.
+        self.track_remote = False
+        self.remote_nodes: set[str] = set()
         self._dispatch: dict[type[Command], Callable[[Any], tuple[Result, list[Effect]]]] = {
             Login: self._login,
             Resume: self._resume,
@@ -459,14 +466,30 @@ class SessionTable:
         return self.local is not None and s.node == self.local[0] and s.inc == self.local[1]
 
     def _local_of(self, u: User) -> list[str]:
-        """``u``'s sessions that this node (this incarnation) owns."""
+        """``u``'s sessions that this node (this incarnation) owns; with
+        ``track_remote``, the nodes of its other sessions go to ``remote_nodes``."""
         if self.local is None:
             return []
         node, inc = self.local
         sessions = self.sessions
-        # _owned_here, inlined: every replica runs this for each watcher of a change.
-        return [sid for sid in u.sessions
-                if (s := sessions[sid]).node == node and s.inc == inc]
+        if not self.track_remote:
+            # _owned_here, inlined: every replica runs this for each watcher of a change.
+            return [sid for sid in u.sessions
+                    if (s := sessions[sid]).node == node and s.inc == inc]
+        out: list[str] = []
+        remote = self.remote_nodes
+        for sid in u.sessions:
+            s = sessions[sid]
+            if s.node != node:
+                remote.add(s.node)
+            elif s.inc == inc:
+                out.append(sid)
+        return out
+
+    def _mark_remote(self, s: Session) -> None:
+        """With ``track_remote``: ``s``'s node has an effect to carry out."""
+        if self.track_remote and self.local is not None and s.node != self.local[0]:
+            self.remote_nodes.add(s.node)
 
     def _has_local(self) -> bool:
         """Some session is owned by this node (by any of its incarnations)."""
@@ -495,7 +518,7 @@ class SessionTable:
             return
         u.shown = shown
         self.stats.presence_updates += 1
-        if not self._has_local():
+        if not self.track_remote and not self._has_local():
             return
         targets: list[str] = []
         for w in self._watchers(u):
@@ -520,6 +543,7 @@ class SessionTable:
     def _session_view(self, s: Session, last_seq: int, effects: list[Effect]) -> None:
         """A freshly (re)attached local session gets its mailbox and its contacts' presence."""
         if not self._is_local(s):
+            self._mark_remote(s)
             return
         u = self.users[s.user]
         for seq, m in u.mailbox.items():
@@ -567,6 +591,8 @@ class SessionTable:
                 del self.by_node[s.node]
         if self._owned_here(s):
             effects.append(SessionClosed(s.id, s.epoch, reason))
+        else:
+            self._mark_remote(s)
         u = self.users[s.user]
         del u.sessions[s.id]
         if not u.sessions:
@@ -621,6 +647,8 @@ class SessionTable:
         effects: list[Effect] = []
         if self._owned_here(s):
             effects.append(SessionClosed(s.id, s.epoch, "moved"))
+        else:
+            self._mark_remote(s)
         old_node = self.by_node.get(s.node)
         if old_node is not None:
             old_node.discard(s.id)
@@ -763,7 +791,7 @@ class SessionTable:
         self.stats.messages_sent += 1
         self.stats.mailbox_messages += 1
         effects: list[Effect] = []
-        if self._has_local():
+        if self.track_remote or self._has_local():
             targets = self._local_of(to)
             if targets:
                 effects.append(Deliver(targets, m))

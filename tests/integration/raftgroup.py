@@ -11,7 +11,7 @@ from typing import Any
 
 from cluster.ports import free_base_port
 from replication.batch import AppliedBatch, encode_batch
-from replication.commands import Noop
+from replication.commands import Command, Noop
 from replication.raft import RaftConfig, ReplicatedLog
 from replication.table import SessionTable
 
@@ -20,9 +20,11 @@ OnApplied = Callable[[int, AppliedBatch], None]
 
 @contextmanager
 def raft_group(tmp_path: Path, on_applied: Callable[[int], OnApplied] | None = None,
-               **config: Any) -> Iterator[list[ReplicatedLog]]:
+               local: bool = False, **config: Any) -> Iterator[list[ReplicatedLog]]:
     """Start three members (``on_applied(k)`` gives member k's callback; ``config``
-    goes to every ``RaftConfig``), wait for a leader, close them all at the end."""
+    goes to every ``RaftConfig``), wait for a leader, close them all at the end.
+    With ``local``, member k's table holds the sessions of node "m{k}" (incarnation 1)
+    as its own, as a node's does."""
     base = free_base_port(3)
     addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
     logs: list[ReplicatedLog] = []
@@ -31,7 +33,8 @@ def raft_group(tmp_path: Path, on_applied: Callable[[int], OnApplied] | None = N
             cfg = RaftConfig(self_addr=addr, peers=tuple(a for a in addrs if a != addr),
                              data_dir=tmp_path / f"m{k}", password="test-secret", **config)
             callback = on_applied(k) if on_applied else (lambda _i, _b: None)
-            logs.append(ReplicatedLog(cfg, SessionTable(), callback))
+            table = SessionTable(local=(f"m{k}", 1)) if local else SessionTable()
+            logs.append(ReplicatedLog(cfg, table, callback))
         leader_of(logs)
         yield logs
     finally:
@@ -52,4 +55,10 @@ def leader_of(logs: list[ReplicatedLog], timeout: float = 20.0) -> int:
 
 def propose_noop(log: ReplicatedLog, seq: int) -> None:
     """Propose a one-command batch (a ``Noop``) whose outcome nobody awaits."""
-    log.propose(encode_batch("t", 1, seq, [(0, Noop())]), lambda _r, _m: None)
+    propose(log, seq, Noop())
+
+
+def propose(log: ReplicatedLog, seq: int, cmd: Command, origin: str = "t") -> None:
+    """Propose a one-command batch (``seq``: the next of ``origin``'s) whose
+    outcome nobody awaits."""
+    log.propose(encode_batch(origin, 1, seq, [(0, cmd)]), lambda _r, _m: None)
