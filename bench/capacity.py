@@ -24,6 +24,7 @@ that every session is still connected at the end.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -78,12 +79,24 @@ def _rss(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _is_worker(pid: int) -> bool:
+    """``pid`` runs ``python -m node.worker`` (a gateway worker), judged by its command
+    line: a node's other children are compaction forks, copies of the node whose
+    pages it shares (counting them would count the node's memory twice)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(a == b"-m" and b == b"node.worker" for a, b in itertools.pairwise(args))
+
+
 def _memory(pid: int) -> dict[str, Any]:
     """A node's memory: its own process, its workers, in bytes."""
     kids = children_of([pid])
     own = _rss(pid)
-    workers = [_rss(k) for k in kids]
-    return {"processes": 1 + len(kids),
+    worker_pids = [k for k in kids if _is_worker(k)]
+    workers = [_rss(k) for k in worker_pids]
+    return {"processes": 1 + len(worker_pids), "other_children": len(kids) - len(worker_pids),
             "core_rss": own[0], "core_pss": own[1],
             "workers_rss": sum(w[0] for w in workers), "workers_pss": sum(w[1] for w in workers),
             "rss": own[0] + sum(w[0] for w in workers),
@@ -258,7 +271,9 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
     for n in sorted(res["memory_after"]):
         m0, m1 = res["memory_before"][n], res["memory_after"][n]
         ps = res["bytes_per_session"][n]
-        rows.append([n, str(m1["processes"]), _mib(m0["rss"]), _mib(m1["rss"]),
+        procs = str(m1["processes"]) + (f" (+{m1['other_children']} fork not counted)"
+                                        if m1.get("other_children") else "")
+        rows.append([n, procs, _mib(m0["rss"]), _mib(m1["rss"]),
                      f"{ps['rss']:,.0f}", f"{ps['pss']:,.0f}", f"{ps['core_rss']:,.0f}",
                      f"{ps['workers_rss']:,.0f}"])
     con.print(make_table(
