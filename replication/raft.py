@@ -1010,8 +1010,9 @@ class _SyncObj(SyncObj):
       committed one, so its fsync overlaps the followers' and does not hold up
       the answers to the committed entry's proposers.
     - No commit-only message right behind an entry that already carried that
-      commit index (``_SyncObj__sendAppendEntries``), and no repeated answer to a
-      commit-only message (``_SyncObj__sendNextNodeIdx``).
+      commit index, nor for a commit that concerns no follower (no effect for a
+      session of one, none of its proposals: ``_SyncObj__sendAppendEntries``),
+      and no repeated answer to a commit-only message (``_SyncObj__sendNextNodeIdx``).
 
     A subclass, not attributes set on the instance: pysyncobj pickles every
     attribute added after its constructor into each snapshot, and a function
@@ -1087,10 +1088,15 @@ class _SyncObj(SyncObj):
         message with no entries and the same commit index, which each follower
         decoded and answered, doubling the messages per entry under load. That
         send is skipped when every connected follower has been sent every entry
-        and this commit index in this term, and no heartbeat is due. (While the
-        next entry waits for its pacing, the commit-only message does go out:
-        the followers apply at once, and their proposers' next batches can
-        still reach the leader in time for that entry.)
+        and this commit index in this term, and no heartbeat is due.
+
+        A commit-only message (no entry yet carried the commit: the leader was
+        idle, or the next entry waits for its pacing) goes out only when the
+        applied commit concerns a follower (``_sb_quiet`` unset, decided in
+        ``_SyncObj__applyLogEntries``): then the follower pushes its clients'
+        messages and presence events, or answers its proposers, at once, and
+        their next batches can still reach the paced entry. Otherwise the
+        commit rides the next entry or heartbeat.
         """
         told = self._sb_told
         quiet, self._sb_quiet = self._sb_quiet, False

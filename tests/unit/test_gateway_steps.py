@@ -6,11 +6,8 @@ between reads."""
 from __future__ import annotations
 
 import socket
-import struct
 from pathlib import Path
-from typing import Any
 
-import cbor2
 import trio
 import trio.testing
 
@@ -19,6 +16,7 @@ from node.config import NodeConfig
 from node.core import Core
 from node.gateway import LOGGED_IN, ClientConnection, Gateway
 from node.protocol import encode
+from tests.unit.sockframes import read_frames
 
 
 class _Steps(trio.abc.Instrument):
@@ -27,22 +25,6 @@ class _Steps(trio.abc.Instrument):
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.names.append(task.name)
-
-
-def _frames(sock: socket.socket) -> list[dict[str, Any]]:
-    data = b""
-    sock.setblocking(False)
-    try:
-        while chunk := sock.recv(1 << 16):
-            data += chunk
-    except BlockingIOError:
-        pass
-    out = []
-    while data:
-        (n,) = struct.unpack(">I", data[:4])
-        out.append(cbor2.loads(data[4:4 + n]))
-        data = data[4 + n:]
-    return out
 
 
 def _connection(tmp_path: Path) -> tuple[ClientConnection, socket.socket, socket.socket]:
@@ -72,7 +54,7 @@ async def test_a_request_costs_the_connection_one_step(tmp_path: Path) -> None:
                     await trio.testing.wait_all_tasks_blocked()
             finally:
                 trio.lowlevel.remove_instrument(steps)
-            assert [f["type"] for f in _frames(theirs)] == ["pong"] * 5
+            assert [f["type"] for f in read_frames(theirs)] == ["pong"] * 5
             theirs.shutdown(socket.SHUT_WR)  # end of file: run() returns
     assert steps.names.count("conn") == 5
     theirs.close()

@@ -12,35 +12,16 @@ follows the highest sequence number the client has).
 from __future__ import annotations
 
 import socket
-import struct
 from pathlib import Path
-from typing import Any
-
-import cbor2
 
 from node.auth import Keys
 from node.config import NodeConfig
 from node.core import Core
 from node.gateway import LOGGED_IN, ClientConnection, Gateway
 from replication.commands import Allow, Login, Send, SetPresence, Subscribe
+from tests.unit.sockframes import read_frames
 
 H = b"resume-hash"
-
-
-def _frames(sock: socket.socket) -> list[dict[str, Any]]:
-    data = b""
-    sock.setblocking(False)
-    try:
-        while chunk := sock.recv(1 << 16):
-            data += chunk
-    except BlockingIOError:
-        pass
-    out = []
-    while data:
-        (n,) = struct.unpack(">I", data[:4])
-        out.append(cbor2.loads(data[4:4 + n]))
-        data = data[4 + n:]
-    return out
 
 
 def test_a_snapshot_install_delivers_what_it_skipped_once(tmp_path: Path) -> None:
@@ -61,7 +42,7 @@ def test_a_snapshot_install_delivers_what_it_skipped_once(tmp_path: Path) -> Non
     conn.session, conn.epoch, conn.user, conn.phase = "b1", 1, "bob", LOGGED_IN
     gateway.register(conn)
     gateway.handle_effects(effects)
-    assert [f["seq"] for f in _frames(theirs) if f["type"] == "deliver"] == [1]
+    assert [f["seq"] for f in read_frames(theirs) if f["type"] == "deliver"] == [1]
     # The leader committed more; this node catches up through a snapshot.
     leader = type(table)(local=("n2", 1))
     leader.restore(table.snapshot())
@@ -74,7 +55,7 @@ def test_a_snapshot_install_delivers_what_it_skipped_once(tmp_path: Path) -> Non
         items = list(core._handoff)
         core._handoff.clear()
     core._handle_events(items)
-    got = _frames(theirs)
+    got = read_frames(theirs)
     assert [(f["seq"], f["body"]) for f in got if f["type"] == "deliver"] == [
         (2, "m2"), (3, "m3")]
     assert [(f["user"], f["status"]) for f in got if f["type"] == "presence-event"] == [
