@@ -24,9 +24,9 @@ that every session is still connected at the end.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,28 +79,26 @@ def _rss(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def _is_worker(pid: int) -> bool:
-    """``pid`` runs ``python -m node.worker`` (a gateway worker), judged by its command
-    line: a node's other children are compaction forks, copies of the node whose
-    pages it shares (counting them would count the node's memory twice)."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(a == b"-m" and b == b"node.worker" for a, b in itertools.pairwise(args))
-
-
-def _memory(pid: int) -> dict[str, Any]:
-    """A node's memory: its own process, its workers, in bytes."""
+def _memory(pid: int, workers: Sequence[int]) -> dict[str, Any]:
+    """A node's memory: its own process and its gateway ``workers`` (their pids, as
+    the node's admin status lists them), in bytes. The node's other children are
+    compaction forks, copies of the node whose pages it shares: counting them
+    would count the node's memory twice; they are only counted in number."""
     kids = children_of([pid])
     own = _rss(pid)
-    worker_pids = [k for k in kids if _is_worker(k)]
-    workers = [_rss(k) for k in worker_pids]
+    listed = set(workers)
+    worker_pids = [k for k in kids if k in listed]
+    mem = [_rss(k) for k in worker_pids]
     return {"processes": 1 + len(worker_pids), "other_children": len(kids) - len(worker_pids),
             "core_rss": own[0], "core_pss": own[1],
-            "workers_rss": sum(w[0] for w in workers), "workers_pss": sum(w[1] for w in workers),
-            "rss": own[0] + sum(w[0] for w in workers),
-            "pss": own[1] + sum(w[1] for w in workers)}
+            "workers_rss": sum(m[0] for m in mem), "workers_pss": sum(m[1] for m in mem),
+            "rss": own[0] + sum(m[0] for m in mem),
+            "pss": own[1] + sum(m[1] for m in mem)}
+
+
+def _worker_pids(bc: BenchCluster, node: str) -> list[int]:
+    """The node's gateway worker processes, from its admin status."""
+    return [w["pid"] for w in bc.c.status(node, timeout=10)["workers"]]
 
 
 def _sockstat() -> dict[str, int]:
@@ -166,7 +164,7 @@ def run(opts: Options) -> dict[str, Any]:
         for hp in helpers:
             hp.read(60)
         time.sleep(1.0)
-        mem0 = {n: _memory(p) for n, p in pids.items()}
+        mem0 = {n: _memory(p, _worker_pids(bc, n)) for n, p in pids.items()}
         sock0 = _sockstat()
         n1_meter = CpuMeter(lambda: with_children([pids["n1"]]))
         all_meter = CpuMeter(lambda: with_children(list(pids.values())))
@@ -203,7 +201,7 @@ def run(opts: Options) -> dict[str, Any]:
                 time.sleep(1.0)
                 prog.update(task, completed=min(plan.idle_s, time.monotonic() - t_idle))
             c3, a3, h3 = n1_meter.snapshot(), all_meter.snapshot(), helper_meter.snapshot()
-            mem1 = {n: _memory(p) for n, p in pids.items()}
+            mem1 = {n: _memory(p, _worker_pids(bc, n)) for n, p in pids.items()}
             sock1 = _sockstat()
             status = call_all(helpers, {"op": "status"}, 60)
             st = bc.c.status("n1")
