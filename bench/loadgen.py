@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from node.ipc import write_all
 from node.protocol import SERVER_FRAMES, FrameDecoder, RemoteProtocolError, encode
 
 CLIENT_NAME = "bench.loadgen (raw protocol: trio sockets + node.protocol codec)"
@@ -233,13 +234,9 @@ class RawConn:
                 self._wake = trio.Event()
                 while self._out and not self.closed.is_set():
                     self._writing = True
-                    view = memoryview(b"".join(self._out))
+                    data = b"".join(self._out)
                     self._out = []
-                    while view:
-                        try:
-                            view = view[sock.send(view):]
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_writable(sock)
+                    await write_all(sock, data)
                     self.last_tx = time.perf_counter()
                 self._writing = False
         except (trio.ClosedResourceError, OSError):
