@@ -22,22 +22,25 @@
     ceiling at 12,000/s, above what this machine reaches (with 12 pairs the max
     phase stopped at 6,000/s, against the limiter).
 
-Load comes from ``bench.loadgen`` and, for (a), ``bench.burst`` (both the raw
-protocol), not the client library.
+Load comes from ``bench.burst`` (the logins of (a) and (c)), ``bench.loadgen``
+((b)) and ``bench.pump`` (the messages of (c)), all the raw protocol, not the
+client library; the burst and the pump drive every connection from one epoll
+loop.
 Production node settings (no extra flags: fsync on).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import trio
 
 from replication.raft import RaftTimings
 
-from . import burst, loadgen
+from . import burst, loadgen, pump
 from .burst import LoginBurst
 from .common import (
     BenchCluster,
@@ -53,8 +56,9 @@ from .common import (
     report_replicas,
     summarize,
 )
-from .loadgen import Counters, RawConn, keepalive, login_all, logout_all, spread
+from .loadgen import Counters, spread
 from .presence import presence_workload, ticker
+from .pump import MessagePump
 
 
 @dataclass(frozen=True)
@@ -151,160 +155,71 @@ async def bench_logins(bc: BenchCluster, plan: Plan, prog: Any,
 # --- (c) messages -------------------------------------------------------------------------------
 
 
-@dataclass
-class MsgState:
-    measuring_from: float = 0.0
-    measuring_to: float = 0.0
-    sending: bool = True
-    sent: int = 0
-    committed: int = 0
-    shed: int = 0
-    delivered: int = 0
-    delivered_in_window: int = 0
-    duplicates: int = 0
-    e2e: list[float] = field(default_factory=list)
-    commit: list[float] = field(default_factory=list)
-    slow: list[tuple[float, float]] = field(default_factory=list)  # (send start, e2e s)
-    seen: set[int] = field(default_factory=set)
-    committed_ids: dict[int, set[int]] = field(default_factory=dict)  # recipient -> ids
-
-
 async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: float | None,
                          prog: Any) -> dict[str, Any]:
-    """Messages at an offered ``rate`` per second, or at the maximum (``None``)."""
+    """Messages at an offered ``rate`` per second, or at the maximum (``None``).
+
+    The pairs log in from one ``LoginBurst`` and ``MessagePump`` drives them, both
+    from one epoll loop in a thread (see ``bench.pump`` for why)."""
     addrs = bc.addresses()
     n_nodes = len(addrs)
     pairs = plan.pairs_per_node * n_nodes
-    counters = Counters()
     tag = f"m{placement[0]}{'m' if rate is None else f'r{int(rate)}'}"
-    senders: list[RawConn] = []
-    recipients: list[RawConn] = []
-    for i in range(pairs):
-        node = i % n_nodes
-        rnode = node if placement == "same" else (node + 1) % n_nodes
-        senders.append(RawConn(addrs[node], f"{tag}-s{i}", bc.token(f"{tag}-s{i}"), counters, i))
-        recipients.append(RawConn(addrs[rnode], f"{tag}-r{i}", bc.token(f"{tag}-r{i}"),
-                                  counters, i))
-    st = MsgState()
-    acks: dict[int, list[int]] = {i: [] for i in range(pairs)}
-
-    def in_window(t: float) -> bool:
-        return st.measuring_from <= t < st.measuring_to
-
-    def on_deliver(c: RawConn, f: dict[str, Any], now: float) -> None:
-        mid = f["id"]
-        if mid in st.seen:
-            st.duplicates += 1
-        else:
-            st.seen.add(mid)
-            st.delivered += 1
-            stamp = loadgen.read_stamp(f["body"])
-            if stamp is not None and in_window(stamp[0]):
-                st.e2e.append(now - stamp[0])
-                if now - stamp[0] >= SLOW_E2E:
-                    st.slow.append((stamp[0], now - stamp[0]))
-            if in_window(now):
-                st.delivered_in_window += 1
-        pend = acks[c.index]
-        pend.append(f["seq"])
-        if len(pend) >= ACK_BATCH:
-            c.post({"type": "ack", "seqs": pend[:]})
-            pend.clear()
-
-    def send_one(s: RawConn, t0: float) -> None:
-        st.sent += 1
-        s.send_message(recipients[s.index].user, loadgen.stamp_body(t0, s.index, plan.body_size),
-                       t0)
-
-    def on_reply(c: RawConn, kind: str, t_sent: float, f: dict[str, Any], now: float) -> None:
-        if f["type"] == "ok":
-            st.committed += 1
-            mid = f.get("id")
-            if mid is not None:
-                st.committed_ids.setdefault(c.index, set()).add(int(mid))
-            if in_window(t_sent):
-                st.commit.append(now - t_sent)
-        if rate is None and st.sending:
-            send_one(c, time.perf_counter())
-
-    for r in recipients:
-        r.on_deliver = on_deliver
-    for s in senders:
-        s.on_reply = on_reply
-
-    async def ack_flusher() -> None:
-        while True:
-            await trio.sleep(ACK_FLUSH)
-            for r in recipients:
-                pend = acks[r.index]
-                if pend and not r.closed.is_set():
-                    r.post({"type": "ack", "seqs": pend[:]})
-                    pend.clear()
-
-    async def pacer(ok_senders: list[RawConn], deadline: float, per_s: float) -> None:
-        interval = 1.0 / per_s
-        k = 0
-        nxt = time.perf_counter()
-        while st.sending and time.perf_counter() < deadline:
-            await trio.sleep(max(0.0, nxt - time.perf_counter()))
-            now = time.perf_counter()
-            while nxt <= now:
-                s = ok_senders[k % len(ok_senders)]
-                k += 1
-                if len(s.pending) >= MAX_SENDER_INFLIGHT:
-                    st.shed += 1
-                else:
-                    send_one(s, nxt)
-                nxt += interval
-
+    targets = []
+    for role in ("r", "s"):
+        for i in range(pairs):
+            node = i % n_nodes
+            if role == "r" and placement != "same":
+                node = (node + 1) % n_nodes
+            targets.append((addrs[node], f"{tag}-{role}{i}", bc.token(f"{tag}-{role}{i}")))
+    logins = LoginBurst(targets)
     label = f"messages, {placement} node, {'max' if rate is None else f'rate {rate:g}/s'}"
-    async with trio.open_nursery() as nursery:
-        ok_r = await login_all(nursery, recipients, concurrency=64)
-        ok_s = await login_all(nursery, senders, concurrency=64)
-        live = [*ok_r, *ok_s]
+    task = prog.add_task(label, total=plan.message_seconds)
+    try:
+        await trio.to_thread.run_sync(logins.login, 30.0)
+        recipients, senders = logins.conns[:pairs], logins.conns[pairs:]
         # Only complete pairs send: a recipient that could not log in (a node refused
         # it) would leave every message in its mailbox.
-        r_ok = {r.index for r in ok_r}
-        ok_s = [s for s in ok_s if s.index in r_ok]
-        nursery.start_soon(keepalive, live)
-        nursery.start_soon(ack_flusher)
-        task = prog.add_task(label, total=plan.message_seconds)
-        nursery.start_soon(ticker, prog, task, plan.message_seconds)
+        active = [i for i in range(pairs) if senders[i].ok and recipients[i].ok]
+        pump = MessagePump([senders[i] for i in active], [recipients[i] for i in active],
+                           body_size=plan.body_size, ack_batch=ACK_BATCH, ack_every=ACK_FLUSH,
+                           max_inflight=MAX_SENDER_INFLIGHT, slow=SLOW_E2E)
         start = time.perf_counter()
-        st.measuring_from = start + plan.warmup
-        st.measuring_to = start + plan.message_seconds
-        if ok_s:
-            if rate is not None:
-                nursery.start_soon(pacer, ok_s, st.measuring_to, rate)
-            else:
-                for s in ok_s:
-                    for _ in range(plan.window):
-                        send_one(s, time.perf_counter())
-        await trio.sleep(plan.warmup)
-        cpu0 = bc.cpu.snapshot()
-        await trio.sleep(plan.message_seconds - plan.warmup)
-        cpu = bc.cpu.between(cpu0, bc.cpu.snapshot())
-        st.sending = False
-        # Drain: every committed message must reach its recipient exactly once.
-        with trio.move_on_after(DRAIN_SECONDS):
-            while any(s.pending for s in ok_s) or st.delivered < st.committed:
+        measure_from = start + plan.warmup
+        measure_to = start + plan.message_seconds
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker, prog, task, plan.message_seconds)
+            if active:
+                nursery.start_soon(partial(
+                    trio.to_thread.run_sync, partial(
+                        pump.run, rate=rate, window=plan.window, measure_from=measure_from,
+                        measure_to=measure_to, drain=DRAIN_SECONDS)))
+            await trio.sleep(plan.warmup)
+            cpu0 = bc.cpu.snapshot()
+            await trio.sleep(max(0.0, measure_to - time.perf_counter()))
+            cpu = bc.cpu.between(cpu0, bc.cpu.snapshot())
+            if not active:
+                nursery.cancel_scope.cancel()
+            while active and pump.running:
                 await trio.sleep(0.05)
-        await trio.sleep(0.2)  # room for a (wrong) duplicate
-        stalls = await _phase_stalls(bc, st)
-        await logout_all(live, timeout=10.0)
-        nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+        st = pump.stats
+        stalls = await _phase_stalls(bc, st.slow, measure_from)
+        await trio.to_thread.run_sync(logins.logout, 10.0)
+    finally:
+        logins.close()
     prog.update(task, completed=plan.message_seconds)
     window = plan.message_seconds - plan.warmup
     # A committed message must reach a recipient that stayed connected; one whose
     # connection the node closed (this load generator does not resume) keeps it in
     # its mailbox: counted apart.
     missing = sum(len(ids - st.seen) for i, ids in st.committed_ids.items()
-                  if not recipients[i].dropped)
+                  if i not in st.dropped)
     stranded = sum(len(ids - st.seen) for i, ids in st.committed_ids.items()
-                   if recipients[i].dropped)
+                   if i in st.dropped)
     return {
         "placement": placement, "mode": "max" if rate is None else "rate", "pairs": pairs,
-        "pairs_active": len(ok_s),
+        "pairs_active": len(active),
         "offered_per_s": rate,
         "window": plan.window if rate is None else None,
         "window_s": window,
@@ -314,7 +229,9 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
         "undelivered_closed_recipient": stranded, "cpu": cpu,
         "e2e": summarize(st.e2e), "commit": summarize(st.commit),
         "stalls": stalls,
-        "failures": counters.as_dict(),
+        "failures": {"errors": st.errors, "closed_early": st.closed_early, "byes": st.byes,
+                     "protocol_errors": st.protocol_errors,
+                     "login_failures": logins.failures()},
     }
 
 
@@ -346,14 +263,15 @@ def _cpu(c: dict[str, float]) -> str:
     return f"{c['nodes_cores']:.2f}/{c['bench_cores']:.2f}/{c['others_cores']:.2f}"
 
 
-async def _phase_stalls(bc: BenchCluster, st: MsgState) -> list[dict[str, Any]]:
-    """The phase's slow deliveries in bursts, beside the nodes' stalls (the
-    bench's ``perf_counter`` and the nodes' ``monotonic`` are the same clock)."""
+async def _phase_stalls(bc: BenchCluster, slow_sends: list[tuple[float, float]],
+                        t0: float) -> list[dict[str, Any]]:
+    """The phase's slow deliveries (send time, e2e s) in bursts from ``t0``, beside the
+    nodes' stalls (the bench's ``perf_counter`` and the nodes' ``monotonic`` are the
+    same clock)."""
     statuses = await trio.to_thread.run_sync(bc.c.statuses)
     events = [(t, nid, kind, ms) for nid, s in statuses.items() if s
               for t, kind, ms in s.get("stalls", [])]
-    t0 = st.measuring_from
-    slow = [(t - t0, round(e2e * 1000, 1), 1) for t, e2e in sorted(st.slow)]
+    slow = [(t - t0, round(e2e * 1000, 1), 1) for t, e2e in sorted(slow_sends)]
     return bursts(slow, events, t0)
 
 
@@ -426,7 +344,8 @@ def _print(opts: Options, res: dict[str, Any]) -> None:
          for nid, c in res.get("node_counters", {}).items()]))
     con.print(f"nodes fenced themselves {res['fenced_events']} times; pysyncobj logged "
               f"'truncating already-applied log entries' {res['truncations_logged']} times")
-    con.print(f"client: {res['client']}")
+    con.print(f"clients: logins {res['login_client']}; presence {res['client']}; "
+              f"messages {res.get('message_client', res['client'])}")
 
 
 def run(opts: Options) -> dict[str, Any]:
@@ -438,7 +357,8 @@ def run(opts: Options) -> dict[str, Any]:
         bc.start()
         opts.console.print(f"revision {machine['revision']}; "
                            f"cluster: 3 nodes on {', '.join(bc.addresses())}, default settings "
-                           f"(fsync on); load: {loadgen.CLIENT_NAME}; logins: {burst.CLIENT_NAME}")
+                           f"(fsync on); logins: {burst.CLIENT_NAME}; presence: "
+                           f"{loadgen.CLIENT_NAME}; messages: {pump.CLIENT_NAME}")
         res = trio.run(_run, opts, bc, plan)
         res["node_counters"] = bc.node_counters()
         res["replicas"] = bc.check_replicas()
@@ -447,6 +367,7 @@ def run(opts: Options) -> dict[str, Any]:
         bc.stop()
     res = {"bench": "core", "command": opts.argv(), "quick": opts.quick,
            "client": loadgen.CLIENT_NAME, "login_client": burst.CLIENT_NAME,
+           "message_client": pump.CLIENT_NAME,
            "plan": asdict(plan), "machine": machine,
            "raft_timings": asdict(RaftTimings()), **res,
            "node_logs": bc.logs.as_dict(), "fenced_events": bc.logs.lines_with("fenced"),
