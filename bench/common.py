@@ -100,7 +100,8 @@ def bursts(slow: Sequence[tuple[float, float, int]],
 def burst_text(b: dict[str, Any], unit: str, near_max: int | None = None) -> str:
     """One burst of ``bursts`` in words: when, how slow, how many ``unit``, what was near."""
     near = ", ".join(f"{e['member']} {e['kind']} {e['ms']:.0f} ms at {e['at_ms']:+d} ms"
-                     for e in b["near"][:near_max]) or "no fork, cut or collection of 5 ms or more"
+                     for e in b["near"][:near_max]) or (
+        "no fork, cut, slow fsync or collection of 5 ms or more")
     return (f"{b['at_s']:.2f} s into the phase: worst {b['worst_ms']:.0f} ms, "
             f"{b['commands']} {unit}; near: {near}")
 

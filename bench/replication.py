@@ -454,8 +454,9 @@ def stalls(run: dict[str, Any], rates: list[float], gap: float = 0.1,
            before: float = 0.5) -> list[dict[str, Any]]:
     """The leader's slow batches (oldest command waited 10 ms or more) of each rate
     phase, grouped into bursts (``gap`` s apart at least), each with the
-    members' tick-thread holds (compaction fork, journal cut) and collections
-    of 5 ms or more that began from ``before`` s ahead of the burst to its end."""
+    members' tick-thread holds (compaction fork, journal cut, an fsync of 5 ms or
+    more) and collections of 5 ms or more that began from ``before`` s ahead of
+    the burst to its end."""
     events = [(t, name, kind, ms) for name, st in run.get("stats", {}).items()
               for t, kind, ms in st.get("events", [])]
     out: list[dict[str, Any]] = []

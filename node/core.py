@@ -616,8 +616,9 @@ class Core:
     @staticmethod
     def recent_stalls() -> list[tuple[float, str, float]]:
         """This process's latest holds of the replication thread (compaction fork,
-        journal cut) and collections of 5 ms or more: (time.monotonic() at the
-        start, kind, seconds), oldest first; to set beside latency spikes."""
+        journal cut, journal fsyncs of 5 ms or more) and collections of 5 ms or
+        more: (time.monotonic() at the start, kind, seconds), oldest first; to set
+        beside latency spikes."""
         gcs = [(t, f"gc{gen}", sec) for t, gen, sec in collector.pause_meter().long_pauses()]
         return sorted([*ReplicatedLog.recent_holds(), *gcs])
 

@@ -76,6 +76,10 @@ when the pickled entry crosses a chunk boundary that the bare command does not,
 and the followers then fail to unpickle it on every re-send (the cluster stops
 committing)."""
 
+SLOW_FSYNC = 0.005
+"""A journal fsync this long or longer is noted among the tick thread's holds
+(``recent_holds``, kind "fsync"): on the leader, every commit waits it out."""
+
 
 @dataclass(frozen=True)
 class RaftTimings:
@@ -281,10 +285,13 @@ class _DurableFileJournal(_pjournal.FileJournal):
         if self._poll_cut() or not self._fsync:
             return
         f = self._FileJournal__journalFile._ResizableFile__f
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         os.fsync(f.fileno())
-        _DurableFileJournal.fsync_seconds += time.perf_counter() - t0
+        took = time.monotonic() - t0
+        _DurableFileJournal.fsync_seconds += took
         _DurableFileJournal.fsync_count += 1
+        if took >= SLOW_FSYNC:
+            _events.append((t0, "fsync", took))
 
     def _settle(self) -> None:
         """Carry out a deferred truncation."""
@@ -947,10 +954,10 @@ class _CompactionStarts:
     seconds_max = 0.0
 
 
-_events: deque[tuple[float, str, float]] = deque(maxlen=256)
-"""This process's latest holds of a tick thread by compaction: (time.monotonic()
-at the start, "fork" / "cut" / "cut-finish", seconds), to set beside latency
-spikes."""
+_events: deque[tuple[float, str, float]] = deque(maxlen=1024)
+"""This process's latest holds of a tick thread by compaction or a slow fsync:
+(time.monotonic() at the start, "fork" / "cut" / "cut-finish" / "fsync",
+seconds), to set beside latency spikes."""
 
 
 def _record_hold(t0: float, kind: str) -> float:
@@ -1462,8 +1469,9 @@ class ReplicatedLog:
 
     @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:
-        """This process's latest compaction holds of the tick thread: (time.monotonic()
-        at the start, "fork" / "cut" / "cut-finish", seconds)."""
+        """This process's latest holds of the tick thread, by compaction or a slow
+        fsync: (time.monotonic() at the start, "fork" / "cut" / "cut-finish" /
+        "fsync", seconds)."""
         return list(_events)
 
     @staticmethod

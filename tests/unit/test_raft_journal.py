@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import threading
+import time
+from collections import deque
 from pathlib import Path
 
 import pysyncobj.journal as pjournal
@@ -302,3 +304,30 @@ def test_a_replaced_journal_is_retired_in_steps(tmp_path: Path,
     raft._retire(mm, f)
     assert mm.closed and f.closed
     assert sizes == [6 << 20, 2 << 20, 0]
+
+
+def test_a_slow_fsync_is_noted_among_the_holds(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal fsync of ``SLOW_FSYNC`` or more shows in ``recent_holds`` (kind
+    "fsync", with when it began and how long it took), beside forks and cuts, so
+    a latency spike can be set beside it; quick ones do not."""
+    fsync = os.fsync
+    slow = {"on": False}
+
+    def disk(fd: int) -> None:  # a disk that takes 30 ms to flush while "on"
+        if slow["on"]:
+            time.sleep(0.03)
+        fsync(fd)
+
+    monkeypatch.setattr(raft.os, "fsync", disk)
+    monkeypatch.setattr(raft, "_events", deque(maxlen=1024))
+    j = _journal(tmp_path / "raft.journal", 5)
+    assert [k for _, k, _ in raft.ReplicatedLog.recent_holds()] == []
+    slow["on"] = True
+    t0 = time.monotonic()
+    j.add(b"slow", 6, 1)
+    holds = raft.ReplicatedLog.recent_holds()
+    assert [k for _, k, _ in holds] == ["fsync"]
+    began, _kind, seconds = holds[0]
+    assert t0 <= began <= t0 + 0.01 and 0.03 <= seconds < 1.0
+    j._destroy()
