@@ -1,4 +1,4 @@
-"""python -m bench NAME [--quick] [--json] [--out DIR]; ``python -m bench list``."""
+"""python -m bench NAME [--quick] [--json] [--out DIR] [--workers K]; ``python -m bench list``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true",
                    help="print the results as one JSON object on the last line of stdout")
     p.add_argument("--out", type=Path, help="also write the results (and node logs) to DIR")
+    p.add_argument("--workers", type=int, metavar="K",
+                   help="core only: start the nodes with --workers K instead of the default "
+                        "(one gateway worker per core; 0: the gateway in the node process)")
     args = p.parse_args(argv)
     if args.name == "list":
         for name, doc in BENCHES.items():
@@ -42,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.name not in BENCHES:
         p.error(f"unknown bench {args.name!r}; try 'python -m bench list'")
+    if args.workers is not None and (args.name != "core" or args.workers < 0):
+        p.error("--workers K (K >= 0) is for the core bench only")
     width = None if sys.stdout.isatty() else 150
     opts = Options(args.name, quick=args.quick, json=args.json, out=args.out,
-                   console=Console(width=width), err=Console(stderr=True, width=width))
+                   console=Console(width=width), err=Console(stderr=True, width=width),
+                   workers=args.workers)
     module = importlib.import_module(f"bench.{args.name}")
     module.run(opts)
     return 0

@@ -50,13 +50,20 @@ class Options:
     out: Path | None = None
     console: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))
+    workers: int | None = None  # core: the nodes' --workers (None: their default)
 
     def argv(self) -> str:
         """The command line that reproduces this run."""
         cmd = f"python -m bench {self.name}"
         if self.quick:
             cmd += " --quick"
+        if self.workers is not None:
+            cmd += f" --workers {self.workers}"
         return cmd
+
+    def node_args(self) -> list[str]:
+        """Flags for every node of the bench's cluster (none: production defaults)."""
+        return [] if self.workers is None else ["--workers", str(self.workers)]
 
 
 # --- statistics -----------------------------------------------------------------------------

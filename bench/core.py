@@ -26,7 +26,8 @@ Load comes from ``bench.burst`` (the logins of (a) and (c)), ``bench.loadgen``
 ((b)) and ``bench.pump`` (the messages of (c)), all the raw protocol, not the
 client library; the burst and the pump drive every connection from one epoll
 loop.
-Production node settings (no extra flags: fsync on).
+Production node settings (no extra flags: fsync on); ``--workers K`` starts the
+nodes with that many gateway workers instead (0: the gateway in the node process).
 """
 
 from __future__ import annotations
@@ -352,11 +353,13 @@ def run(opts: Options) -> dict[str, Any]:
     plan = QUICK if opts.quick else FULL
     t0 = time.monotonic()
     machine = machine_info()
-    bc = BenchCluster(opts, "core")
+    bc = BenchCluster(opts, "core", node_args=opts.node_args())
+    settings = ("default settings" if opts.workers is None
+                else f"default settings but --workers {opts.workers}")
     try:
         bc.start()
         opts.console.print(f"revision {machine['revision']}; "
-                           f"cluster: 3 nodes on {', '.join(bc.addresses())}, default settings "
+                           f"cluster: 3 nodes on {', '.join(bc.addresses())}, {settings} "
                            f"(fsync on); logins: {burst.CLIENT_NAME}; presence: "
                            f"{loadgen.CLIENT_NAME}; messages: {pump.CLIENT_NAME}")
         res = trio.run(_run, opts, bc, plan)
@@ -366,6 +369,7 @@ def run(opts: Options) -> dict[str, Any]:
     finally:
         bc.stop()
     res = {"bench": "core", "command": opts.argv(), "quick": opts.quick,
+           "node_args": opts.node_args(),
            "client": loadgen.CLIENT_NAME, "login_client": burst.CLIENT_NAME,
            "message_client": pump.CLIENT_NAME,
            "plan": asdict(plan), "machine": machine,

@@ -43,3 +43,26 @@ def test_quick_run(name: str, tmp_path: Path) -> None:
         # the end of a run, which swapped the framing under its open links.
         for run in result["runs"]:
             assert not run["log_lines"].get("Traceback"), (run["config"], run["log_lines"])
+
+
+def test_core_quick_with_the_gateway_in_the_node_process(tmp_path: Path) -> None:
+    """``--workers K`` starts the core bench's nodes with K gateway workers (0: the
+    gateway in the node process) and says so in its command and result."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "core", "--quick", "--json", "--workers", "0"],
+        cwd=ROOT, env=dict(os.environ, COLUMNS="150"), capture_output=True, text=True,
+        timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "default settings but --workers 0" in proc.stdout
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["node_args"] == ["--workers", "0"]
+    assert result["command"] == "python -m bench core --quick --workers 0"
+    assert all(m["missing"] == 0 and m["delivered"] > 0 for m in result["messages"])
+
+
+@pytest.mark.parametrize("args", [["fanout", "--workers", "0"], ["core", "--workers", "-1"]])
+def test_workers_is_for_the_core_bench_only(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--workers K (K >= 0) is for the core bench only" in proc.stderr
