@@ -188,23 +188,26 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
         start = time.perf_counter()
         measure_from = start + plan.warmup
         measure_to = start + plan.message_seconds
+        pumped = trio.Event()
+
+        async def drive() -> None:
+            if active:
+                await trio.to_thread.run_sync(partial(
+                    pump.run, rate=rate, window=plan.window, measure_from=measure_from,
+                    measure_to=measure_to, drain=DRAIN_SECONDS))
+            pumped.set()
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker, prog, task, plan.message_seconds)
-            if active:
-                nursery.start_soon(partial(
-                    trio.to_thread.run_sync, partial(
-                        pump.run, rate=rate, window=plan.window, measure_from=measure_from,
-                        measure_to=measure_to, drain=DRAIN_SECONDS)))
+            nursery.start_soon(drive)
             await trio.sleep(plan.warmup)
             cpu0 = bc.cpu.snapshot()
             await trio.sleep(max(0.0, measure_to - time.perf_counter()))
             cpu = bc.cpu.between(cpu0, bc.cpu.snapshot())
-            if not active:
-                nursery.cancel_scope.cancel()
-            while active and pump.running:
-                await trio.sleep(0.05)
+            await pumped.wait()
             nursery.cancel_scope.cancel()
         st = pump.stats
+        st.failures.login_failures = logins.failures()
         stalls = await _phase_stalls(bc, st.slow, measure_from)
         await trio.to_thread.run_sync(logins.logout, 10.0)
     finally:
@@ -214,10 +217,8 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
     # A committed message must reach a recipient that stayed connected; one whose
     # connection the node closed (this load generator does not resume) keeps it in
     # its mailbox: counted apart.
-    missing = sum(len(ids - st.seen) for i, ids in st.committed_ids.items()
-                  if i not in st.dropped)
-    stranded = sum(len(ids - st.seen) for i, ids in st.committed_ids.items()
-                   if i in st.dropped)
+    missing = st.undelivered(dropped=False)
+    stranded = st.undelivered(dropped=True)
     return {
         "placement": placement, "mode": "max" if rate is None else "rate", "pairs": pairs,
         "pairs_active": len(active),
@@ -230,9 +231,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
         "undelivered_closed_recipient": stranded, "cpu": cpu,
         "e2e": summarize(st.e2e), "commit": summarize(st.commit),
         "stalls": stalls,
-        "failures": {"errors": st.errors, "closed_early": st.closed_early, "byes": st.byes,
-                     "protocol_errors": st.protocol_errors,
-                     "login_failures": logins.failures()},
+        "failures": st.failures.as_dict(),
     }
 
 

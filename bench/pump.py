@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from node.protocol import FrameDecoder, RemoteProtocolError, encode
 
 from .burst import BurstConn
-from .loadgen import read_stamp, stamp_body
+from .loadgen import Counters, read_stamp, stamp_body
 
 CLIENT_NAME = "bench.pump (raw protocol: one epoll loop + node.protocol codec)"
 
@@ -55,11 +55,14 @@ class PumpStats:
     slow: list[tuple[float, float]] = field(default_factory=list)  # (send time, e2e s)
     seen: set[int] = field(default_factory=set)
     committed_ids: dict[int, set[int]] = field(default_factory=dict)  # pair -> message ids
-    errors: dict[str, int] = field(default_factory=dict)  # error code -> replies
-    byes: dict[str, int] = field(default_factory=dict)
-    closed_early: int = 0  # connections the node closed (or reset) during the run
-    protocol_errors: int = 0
+    failures: Counters = field(default_factory=Counters)  # error replies, byes, closes
     dropped: set[int] = field(default_factory=set)  # pairs whose recipient was closed
+
+    def undelivered(self, dropped: bool) -> int:
+        """Committed messages never delivered, to recipients that stayed connected
+        (``dropped`` False: missing) or whose connection went (True: stranded)."""
+        return sum(len(ids - self.seen) for i, ids in self.committed_ids.items()
+                   if (i in self.dropped) == dropped)
 
 
 class _Conn:
@@ -105,7 +108,6 @@ class MessagePump:
         self._window = (0.0, 0.0)
         self._sending = True
         self._closed_loop = False  # the next send goes out on each reply
-        self.running = False
 
     def run(self, *, rate: float | None, window: int, measure_from: float,
             measure_to: float, drain: float = 5.0, linger: float = 0.2) -> None:
@@ -115,7 +117,6 @@ class MessagePump:
         committed message's delivery, and ``linger`` more for a wrong duplicate."""
         self._window = (measure_from, measure_to)
         self._closed_loop = rate is None
-        self.running = True
         conns = [*self.senders, *self.recipients]
         ep = self._ep = select.epoll()
         by_fd = {c.sock.fileno(): c for c in conns}
@@ -187,17 +188,11 @@ class MessagePump:
                         pass
             ep.close()
             self._ep = None
-            self.running = False
 
     def _drained(self) -> bool:
         st = self.stats
         return (not any(s.pending for s in self.senders if not s.closed)
-                and st.delivered >= st.committed - self._stranded())
-
-    def _stranded(self) -> int:
-        """Committed messages whose recipient's connection is gone (never delivered)."""
-        st = self.stats
-        return sum(len(st.committed_ids.get(i, set()) - st.seen) for i in st.dropped)
+                and st.delivered >= st.committed - st.undelivered(dropped=True))
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -290,7 +285,7 @@ class MessagePump:
                     rid = f.get("rid")
                     t0 = c.pending.pop(rid, None) if rid is not None else None
                     if t == "error":
-                        st.errors[f["code"]] = st.errors.get(f["code"], 0) + 1
+                        st.failures.error(f["code"])
                     elif t0 is not None:
                         st.committed += 1
                         mid = f.get("id")
@@ -301,17 +296,17 @@ class MessagePump:
                     if t0 is not None and self._sending and c.sender and self._closed_loop:
                         self._send(c, time.perf_counter())
                 elif t == "bye":
-                    st.byes[f["code"]] = st.byes.get(f["code"], 0) + 1
+                    st.failures.byes[f["code"]] = st.failures.byes.get(f["code"], 0) + 1
                 # pong, presence-event: nothing to do
         except RemoteProtocolError:
-            st.protocol_errors += 1
+            st.failures.protocol_errors += 1
             self._lost(c)
 
     def _lost(self, c: _Conn) -> None:
         if c.closed:
             return
         c.closed = True
-        self.stats.closed_early += 1
+        self.stats.failures.closed_early += 1
         if not c.sender:
             self.stats.dropped.add(c.index)
         if self._ep is not None:

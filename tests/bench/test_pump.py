@@ -48,7 +48,7 @@ def test_a_paced_run_delivers_every_committed_message_once_and_acks_it(
         t0 = time.perf_counter()
         pump.run(rate=300.0, window=0, measure_from=t0 + 0.2, measure_to=t0 + 1.2, drain=5.0)
         st = pump.stats
-        assert st.errors == {} and st.closed_early == 0 and st.protocol_errors == 0
+        assert not st.failures.any()
         assert 300 <= st.sent <= 400 and st.committed == st.sent and st.shed == 0
         assert st.delivered == st.committed and st.duplicates == 0
         assert st.seen == set().union(*st.committed_ids.values())
@@ -70,7 +70,7 @@ def test_the_closed_loop_keeps_a_window_in_flight(
         t0 = time.perf_counter()
         pump.run(rate=None, window=4, measure_from=t0, measure_to=t0 + 0.8, drain=5.0)
         st = pump.stats
-        assert st.committed == st.sent > 2 * 4 and st.errors == {}
+        assert st.committed == st.sent > 2 * 4 and st.failures.errors == {}
         assert st.delivered == st.committed and st.duplicates == 0
         assert _mailboxes_empty(c)
         burst.logout(timeout=10.0)
@@ -94,10 +94,12 @@ def test_a_lost_recipient_is_counted_apart_and_the_run_still_ends(
         took = time.perf_counter() - t0
         st = pump.stats
         assert took < 10.0, took
-        assert st.closed_early == 1 and st.dropped == {1}
-        assert st.committed == st.sent and st.errors == {}
+        assert st.failures.closed_early == 1 and st.dropped == {1}
+        assert st.committed == st.sent and st.failures.errors == {}
         assert st.committed_ids[0] <= st.seen  # the other pair: every message delivered
         assert not (st.committed_ids[1] & st.seen)
+        assert st.undelivered(dropped=False) == 0
+        assert st.undelivered(dropped=True) == len(st.committed_ids[1]) > 0
     finally:
         burst.close()
 
