@@ -1,8 +1,8 @@
 """Message load from one epoll loop: the senders and recipients of ``bench core`` (c).
 
 Driven by ``loadgen.RawConn`` (Trio, a reader task per connection, a pacer and
-an ack flusher task) the load generator took 0.32-0.44 cores at 5,000 messages/s
-(64-88 µs per message; scratch runs on 2026-11-27), on a 2-core machine whose
+an ack flusher task) the load generator took 0.30-0.33 cores at 5,000 messages/s
+(60-66 µs per message; ``bench core`` runs on 2026-11-27), on a 2-core machine whose
 every core the three nodes and their workers need at that rate. Here one thread
 drives every connection with non-blocking calls on one ``select.epoll``, as
 ``bench.burst`` does for logins, which hands its logged-in connections over.
