@@ -109,6 +109,11 @@ class FsmServer:
                 errors[code] = errors.get(code, 0) + 1
         done(applied.seq, True, errors)
 
+    def encode(self, origin: str, inc: int, seq: int, items: list[tuple[int, Command]],
+               ordered: bool) -> bytes:
+        """As a node's core encodes its batches: applied here without decoding."""
+        return self.log.encode_batch(origin, inc, seq, items, ordered)
+
     def propose(self, seq: int, blob: bytes, done: Done) -> None:
         with self._lock:
             self._waiting[seq] = done
@@ -187,6 +192,11 @@ class RawServer:
         self._fail_ok = FAIL_REASON.SUCCESS
         self.sync = Raw(args.self_addr, args.peers.split(","), conf=conf)
         self.sync.waitBinded()
+
+    @staticmethod
+    def encode(origin: str, inc: int, seq: int, items: list[tuple[int, Command]],
+               ordered: bool) -> bytes:
+        return encode_batch(origin, inc, seq, items, ordered)
 
     def propose(self, seq: int, blob: bytes, done: Done) -> None:
         def callback(_res: Any, err: int) -> None:
@@ -345,9 +355,9 @@ class Proposer:
                                     list(enumerate(self.prebuilt[:len(take)])))
                 self._blobs[len(take)] = blob
         else:
-            blob = encode_batch(self.origin, self.inc, seq,
-                                [(i, c) for i, (_, c) in enumerate(take) if c is not None],
-                                ordered=self.ordered)
+            blob = self.server.encode(
+                self.origin, self.inc, seq,
+                [(i, c) for i, (_, c) in enumerate(take) if c is not None], self.ordered)
         times = [t for t, _ in take]
 
         def done(_seq: int, ok: bool, errors: dict[str, int]) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import structlog
 import trio
 
-from replication.batch import AppliedBatch, encode_batch
+from replication.batch import AppliedBatch
 from replication.commands import Command, Configure, Heartbeat, NodeDown, NodeUp, Tick
 from replication.raft import RaftConfig, RaftStatus, ReplicatedLog
 from replication.table import (
@@ -226,7 +226,8 @@ class Core:
 
     def _send(self, inflight: _Inflight) -> None:
         assert self.log is not None
-        blob = encode_batch(self.node_id, self.inc, inflight.seq, inflight.items, ordered=True)
+        blob = self.log.encode_batch(self.node_id, self.inc, inflight.seq, inflight.items,
+                                     ordered=True)
         seq, attempt = inflight.seq, inflight.attempt
         self.stats.batches_proposed += 1
 

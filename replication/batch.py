@@ -15,18 +15,27 @@ node keep several batches in flight and re-propose any of them without a
 command applying twice or overtaking an earlier one. A batch without the flag
 (the older form, and test helpers) applies whatever its sequence number.
 
-Pure: no clock, no I/O, no threads.
+A batch this process proposes is encoded with ``BatchApplier.encode``: when
+the log hands it back to apply, the applier takes the commands it was built
+from instead of decoding it (decoding is a third of a replica's apply time),
+and only when each of them decodes as itself (``wire_items``), so every
+replica applies equal commands.
+
+Pure: no clock, no I/O, no threads (``encode`` may run on another thread than
+``apply``: they share one dict, each step a single dict operation).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 
-from .commands import Command, CommandError, from_wire
+from .commands import Command, CommandError, from_wire, wire_items
 from .table import BATCH_APPLY, Effect, Result, SessionTable, error
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,10 @@ def encode_batch(origin: str, inc: int, seq: int, items: list[tuple[int, Command
     """The log entry for ``items``; ``ordered`` (a node's proposals) makes the
     table apply it once and in ``seq`` order (see the module docstring)."""
     wire = [[rid, cmd.to_wire()] for rid, cmd in items]
+    return _envelope(origin, inc, seq, wire, ordered)
+
+
+def _envelope(origin: str, inc: int, seq: int, wire: list[list[Any]], ordered: bool) -> bytes:
     return cbor2.dumps([origin, inc, seq, wire, True] if ordered else [origin, inc, seq, wire])
 
 
@@ -79,6 +92,11 @@ def decode_batch(blob: bytes) -> tuple[str, int, int, list[Any], bool]:
     return origin, inc, seq, items, ordered
 
 
+OWN_BATCHES = 64
+"""``BatchApplier.encode`` keeps this many of its latest batches for ``apply``
+(a batch that never commits is forgotten once this many newer ones are kept)."""
+
+
 class BatchApplier:
     """Applies batches to a table; results for every command, never an exception."""
 
@@ -88,32 +106,61 @@ class BatchApplier:
         self.commands = 0
         self.rejected = 0
         self.skipped = 0  # ordered batches not applied: repeats and batches after a gap
+        self.own_applied = 0  # batches applied from their commands, not decoded
+        self._own: dict[bytes, tuple[str, int, int, tuple[tuple[int, Command], ...], bool]] = {}
+        self._own_order: deque[bytes] = deque()
+
+    def encode(self, origin: str, inc: int, seq: int, items: list[tuple[int, Command]],
+               ordered: bool = False) -> bytes:
+        """``encode_batch``, for a batch this process proposes: once the log hands
+        the same bytes to ``apply``, the commands in ``items`` are applied as
+        they are, not decoded again. Called by one proposing thread."""
+        kept = tuple(items)
+        wire, exact = wire_items(kept)
+        blob = _envelope(origin, inc, seq, wire, ordered)
+        if exact:
+            self._own[blob] = (origin, inc, seq, kept, ordered)
+            order = self._own_order
+            order.append(blob)
+            if len(order) > OWN_BATCHES:
+                self._own.pop(order.popleft(), None)
+        return blob
 
     def apply(self, blob: bytes) -> AppliedBatch:
-        try:
-            origin, inc, seq, items, ordered = decode_batch(blob)
-        except CommandError as e:
-            log.error("dropping a malformed log entry: %s", e)
-            self.rejected += 1
-            return AppliedBatch("", 0, 0, [])
+        own = self._own.pop(blob, None) if self._own else None
+        items: Sequence[Any]
+        if own is not None:
+            origin, inc, seq, items, ordered = own
+        else:
+            try:
+                origin, inc, seq, items, ordered = decode_batch(blob)
+            except CommandError as e:
+                log.error("dropping a malformed log entry: %s", e)
+                self.rejected += 1
+                return AppliedBatch("", 0, 0, [])
         if ordered:
             status = self.table.admit_batch(origin, inc, seq)
             if status != BATCH_APPLY:
                 self.skipped += 1
                 return AppliedBatch(origin, inc, seq, [], status)
         self.batches += 1
+        if own is not None:
+            self.own_applied += 1
         outcomes: list[Outcome] = []
         table = self.table
         for item in items:
-            rid = -1
-            try:
-                rid, wire = item
-                cmd = from_wire(wire)
-            except (CommandError, TypeError, ValueError) as e:
-                self.rejected += 1
-                outcomes.append(Outcome(rid if isinstance(rid, int) else -1,
-                                        error("invalid", str(e)), []))
-                continue
+            if own is not None:
+                rid, cmd = item
+            else:
+                rid = -1
+                try:
+                    rid, wire = item
+                    cmd = from_wire(wire)
+                except (CommandError, TypeError, ValueError) as e:
+                    self.rejected += 1
+                    outcomes.append(Outcome(rid if isinstance(rid, int) else -1,
+                                            error("invalid", str(e)), []))
+                    continue
             try:
                 result, effects = table.apply(cmd)
             except Exception as e:  # a bug in the table must not freeze the cluster

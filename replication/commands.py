@@ -11,9 +11,8 @@ This module is pure: no clock, no I/O, no threads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
-from itertools import product
 from operator import attrgetter
 from typing import Any, ClassVar
 
@@ -354,20 +353,34 @@ def _getter(cls: type[Command]) -> Callable[[Command], tuple[Any, ...]]:
     return lambda _c: ()
 
 
-def _signatures(cls: type[Command]) -> frozenset[tuple[type, ...]]:
-    """Every exact tuple of field types that needs no conversion."""
-    per_field = [t if isinstance(t, tuple) else (t,) for t in cls.types]
-    return frozenset(product(*per_field))
+def _exact_check(cls: type[Command]) -> Callable[[Sequence[Any]], bool]:
+    """A function telling whether field values (in wire order) are exactly of the
+    types cbor2 decodes them as, so that they need no conversion: generated per
+    class (one ``type(v) is T`` test per field), as every replica checks every
+    command it decodes."""
+    names: dict[str, Any] = {}
+    tests = [f"len(a) == {len(cls.types)}"]
+    for i, t in enumerate(cls.types):
+        alts = []
+        for j, typ in enumerate(t if isinstance(t, tuple) else (t,)):
+            names[f"t{i}_{j}"] = typ
+            alts.append(f"type(a[{i}]) is t{i}_{j}")
+        tests.append(alts[0] if len(alts) == 1 else f"({' or '.join(alts)})")
+    if cls is Ack:
+        tests.append("all(type(s) is int for s in a[3])")
+    exec(f"def exact(a):\n    return {' and '.join(tests)}\n", names)
+    check: Callable[[Sequence[Any]], bool] = names["exact"]
+    return check
 
 
 _FIELDS_OF: dict[type[Command], Callable[[Command], tuple[Any, ...]]] = {
     cls: _getter(cls) for cls in COMMANDS.values()
 }
-_FAST: dict[str, tuple[type[Command], frozenset[tuple[type, ...]]]] = {
-    op: (cls, _signatures(cls)) for op, cls in COMMANDS.items()
+_FAST: dict[str, tuple[type[Command], Callable[[Sequence[Any]], bool]]] = {
+    op: (cls, _exact_check(cls)) for op, cls in COMMANDS.items()
 }
-"""Per op: the class and the exact field types (as cbor2 decodes them) that are
-accepted without the full check."""
+"""Per op: the class and the check of the exact field types (as cbor2 decodes
+them) accepted without the full check."""
 
 
 def from_wire(item: Any) -> Command:
@@ -380,12 +393,29 @@ def from_wire(item: Any) -> Command:
     if type(item) is list and item and type(item[0]) is str:
         spec = _FAST.get(item[0])
         if spec is not None:
-            cls, signatures = spec
+            cls, exact = spec
             args = item[1:]
-            if tuple(map(type, args)) in signatures and (
-                    cls is not Ack or all(type(s) is int for s in args[3])):
+            if exact(args):
                 return cls(*args)
     return _from_wire_checked(item)
+
+
+def wire_items(items: Iterable[tuple[int, Command]]) -> tuple[list[list[Any]], bool]:
+    """A batch's ``[[rid, wire], ...]``, and whether every command decodes as
+    itself: ``from_wire`` of its wire form takes the fast path and gives back an
+    equal command (every field of exactly a type that cbor2 decodes unchanged:
+    no int in a float field, no bool, no subclass; the class a registered one).
+    A replica may then apply such commands as they are instead of decoding them."""
+    out: list[list[Any]] = []
+    exact = True
+    for rid, cmd in items:
+        cls = type(cmd)
+        args = _FIELDS_OF[cls](cmd)
+        out.append([rid, [cls.op, *args]])
+        if exact:
+            spec = _FAST.get(cls.op)
+            exact = spec is not None and spec[0] is cls and spec[1](args)
+    return out, exact
 
 
 LEGACY_ARITY = {"resume": 7}

@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
 from .batch import AppliedBatch, BatchApplier
+from .commands import Command
 from .table import SessionTable
 
 log = logging.getLogger(__name__)
@@ -1348,6 +1349,13 @@ class ReplicatedLog:
         sync.addOnTickCallback(self._on_tick)
 
     # --- commands ---------------------------------------------------------------
+
+    def encode_batch(self, origin: str, inc: int, seq: int, items: list[tuple[int, Command]],
+                     ordered: bool = False) -> bytes:
+        """The log entry for a batch this node proposes (``batch.encode_batch``);
+        when it commits, this node applies ``items`` without decoding the entry
+        (``BatchApplier.encode``). Thread-safe for one proposing thread."""
+        return self.applier.encode(origin, inc, seq, items, ordered)
 
     def propose(self, blob: bytes, on_fail: Callable[[str, bool], None]) -> None:
         """Append ``blob`` (an encoded batch) to the log; thread-safe, never blocks.

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replication.batch import AppliedBatch, BatchApplier, decode_batch, encode_batch
+from replication.batch import (
+    OWN_BATCHES,
+    AppliedBatch,
+    BatchApplier,
+    decode_batch,
+    encode_batch,
+)
 from replication.commands import (
     Ack,
     Command,
@@ -20,7 +26,7 @@ from replication.commands import (
     Send,
     SetPresence,
 )
-from replication.table import Deliver, PresenceNotice, SessionTable
+from replication.table import BATCH_DUPLICATE, Deliver, PresenceNotice, SessionTable
 
 H = b"token-hash"
 
@@ -326,3 +332,61 @@ def test_ordered_batches_apply_each_number_once_in_order(order: list[int]) -> No
     table = SessionTable()
     applied = [seq for seq in order if table.admit_batch("n1", 1, seq) == "applied"]
     assert applied == list(range(1, len(applied) + 1))
+
+
+# --- a process's own batches apply without decoding ---------------------------------
+
+def _traffic(now: float = 10.0) -> list[tuple[int, Command]]:
+    """Logins, presence, messages and acks among two users of node n1."""
+    return [
+        (1, Login("s1", "alice", "n1", 1, H, "online", None, now)),
+        (2, Login("s2", "bob", "n1", 1, H, "online", "hi", now)),
+        (3, SetPresence("s1", 1, "n1", "away", "lunch", now + 1)),
+        (4, Send("s1", 1, "n1", 1, "bob", "hello", now + 2)),
+        (5, Send("s2", 1, "n1", 1, "alice", b"\x00bin", now + 3)),
+        (6, Ack("s2", 1, "n1", [1])),
+        (7, Logout("s1", 1, "n1", now + 4)),
+    ]
+
+
+def test_an_own_batch_applies_its_commands_as_a_decoding_replica_would() -> None:
+    """The proposer's replica applies the commands it encoded (no decoding) and
+    ends with the same results, effects and table as one that decodes the entry."""
+    own = BatchApplier(SessionTable(local=("n1", 1)))
+    other = BatchApplier(SessionTable(local=("n1", 1)))
+    blob = own.encode("n1", 1, 1, _traffic(), ordered=True)
+    assert blob == encode_batch("n1", 1, 1, _traffic(), ordered=True)
+    mine, theirs = own.apply(bytes(blob)), other.apply(bytes(blob))
+    assert (own.own_applied, other.own_applied) == (1, 0)
+    assert mine == theirs
+    assert [o.result.ok for o in mine.outcomes] == [True] * 7
+    assert any(isinstance(e, Deliver) for o in mine.outcomes for e in o.effects)
+    assert own.table.digest() == other.table.digest()
+    # Applied once, forgotten: the same bytes again (a re-proposal) are decoded.
+    again = own.apply(blob)
+    assert again.status == BATCH_DUPLICATE and own.own_applied == 1
+
+
+def test_a_command_that_would_decode_differently_is_decoded() -> None:
+    """An int in a float field becomes a float on the other replicas: a batch
+    holding one is applied from its bytes here too, so the tables agree."""
+    own = BatchApplier(SessionTable(local=("n1", 1)))
+    other = BatchApplier(SessionTable(local=("n1", 1)))
+    items: list[tuple[int, Command]] = [
+        (1, Login("s1", "alice", "n1", 1, H, "online", None, 10)),  # type: ignore[arg-type]
+        (2, Send("s1", 1, "n1", 1, "alice", "x", 11.0)),
+    ]
+    blob = own.encode("n1", 1, 1, items)
+    assert own.apply(blob) == other.apply(blob)
+    assert own.own_applied == 0
+    assert own.table.digest() == other.table.digest()
+
+
+def test_own_batches_that_never_commit_are_forgotten() -> None:
+    """Only the latest OWN_BATCHES encodings are kept; older ones decode."""
+    applier = BatchApplier(SessionTable(local=("n1", 1)))
+    blobs = [applier.encode("n1", 1, i, [(0, Noop())]) for i in range(OWN_BATCHES + 5)]
+    assert len(applier._own) == len(applier._own_order) == OWN_BATCHES
+    applier.apply(blobs[0])
+    applier.apply(blobs[-1])
+    assert applier.own_applied == 1
