@@ -35,7 +35,7 @@ from typing import Any
 
 import cbor2
 
-from .commands import Command, CommandError, from_wire, wire_items
+from .commands import Checkpoint, Command, CommandError, from_wire, wire_items
 from .table import BATCH_APPLY, Effect, Result, SessionTable, error
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,12 @@ class Outcome:
 class AppliedBatch:
     """A batch as this replica applied it. ``status`` is ``BATCH_APPLY``, or for
     an ordered batch that did not apply, ``BATCH_DUPLICATE`` or ``BATCH_GAP``
-    (``SessionTable.admit_batch``); such a batch has no outcomes."""
+    (``SessionTable.admit_batch``); such a batch has no outcomes.
+
+    ``outcomes``: every command's, in order, for a batch of the table's own
+    identity (``SessionTable.local``; every batch when it has none); for
+    another proposer's batch only those with effects here or a checkpoint: the
+    other results matter to their proposer alone."""
 
     origin: str
     inc: int
@@ -148,6 +153,7 @@ class BatchApplier:
             self.own_applied += 1
         outcomes: list[Outcome] = []
         table = self.table
+        every = table.local is None or table.local == (origin, inc)
         for item in items:
             if own is not None:
                 rid, cmd = item
@@ -167,5 +173,6 @@ class BatchApplier:
                 log.exception("table failed to apply %s", cmd.op)
                 result, effects = error("internal", f"{type(e).__name__}: {e}"), []
             self.commands += 1
-            outcomes.append(Outcome(rid, result, effects))
+            if every or effects or type(cmd) is Checkpoint:
+                outcomes.append(Outcome(rid, result, effects))
         return AppliedBatch(origin, inc, seq, outcomes)

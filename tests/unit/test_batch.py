@@ -18,6 +18,7 @@ from replication.batch import (
 )
 from replication.commands import (
     Ack,
+    Checkpoint,
     Command,
     CommandError,
     Login,
@@ -224,11 +225,39 @@ def test_effects_follow_the_local_identity() -> None:
     o1 = BatchApplier(t1).apply(blob).outcomes
     o2 = BatchApplier(t2).apply(blob).outcomes
     o0 = BatchApplier(t0).apply(blob).outcomes
-    assert [o.result for o in o1] == [o.result for o in o2] == [o.result for o in o0]
+    assert [o.result for o in o1] == [o.result for o in o0]
     assert len(o1[2].effects) == 1
-    assert o2[2].effects == [] and o0[2].effects == []
+    assert o0[2].effects == []
+    assert o2 == []  # another node's batch: no result matters here, no effect is for n2
     assert t1.digest() == t2.digest() == t0.digest()
     assert not any(isinstance(e, PresenceNotice) for o in o0 for e in o.effects)
+
+
+def test_another_proposers_batch_keeps_only_the_outcomes_that_matter_here() -> None:
+    """On a replica that did not propose the batch, an outcome is kept only if it
+    has effects for this node's sessions or records a checkpoint; the proposer's
+    own replica keeps every outcome, in order."""
+    setup = encode_batch("n1", 1, 1, [
+        (1, Login("b1", "bob", "n1", 1, H, "online", None, 1.0)),
+        (2, Login("a1", "alice", "n2", 1, H, "online", None, 1.0)),
+    ])
+    blob = encode_batch("n2", 1, 1, [
+        (7, SetPresence("a1", 1, "n2", "away", None, 2.0)),
+        (8, Send("a1", 1, "n2", 1, "bob", "hi", 2.0)),
+        (9, Checkpoint("c1")),
+        (10, Send("a1", 1, "n2", 2, "nobody", "hi", 2.0)),
+    ])
+    here, proposer = BatchApplier(SessionTable(("n1", 1))), BatchApplier(SessionTable(("n2", 1)))
+    for a in (here, proposer):
+        a.apply(setup)
+    kept = here.apply(blob).outcomes
+    every = proposer.apply(blob).outcomes
+    assert [o.rid for o in every] == [7, 8, 9, 10]
+    assert [o.rid for o in kept] == [8, 9]
+    assert isinstance(kept[0].effects[0], Deliver)
+    assert kept[1].result.value is not None and "checkpoint" in kept[1].result.value
+    assert here.commands == proposer.commands == 6
+    assert here.table.digest() == proposer.table.digest()
 
 
 cbor_values = st.recursive(
