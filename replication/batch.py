@@ -1,12 +1,24 @@
 """Group commit: many commands ride in one Raft log entry.
 
-A batch is ``cbor2([origin, inc, seq, [[rid, command], ...]])``: the proposing
-node's id and incarnation, its batch counter, and each command with the
-proposer's request id, so that the proposer can match results to waiters.
-``BatchApplier`` applies a batch to a ``SessionTable`` and never raises: a
-replicated method that raises would freeze the whole pysyncobj cluster.
+A batch is the envelope ``[origin, inc, seq, [[rid, command], ...]]``: the
+proposing node's id and incarnation, its batch counter, and each command (its
+wire form, ``commands``) with the proposer's request id, so that the proposer
+can match results to waiters. ``BatchApplier`` applies a batch to a
+``SessionTable`` and never raises: a replicated method that raises would
+freeze the whole pysyncobj cluster.
 
-An *ordered* batch (``cbor2([origin, inc, seq, items, true])``, what a node
+On the log the envelope is a pickle (protocol 5) when every value in it is of
+a plain type (every command decodes as itself, ``commands.wire_items``), and
+CBOR otherwise (an int in a float field, say: cbor2 converts what it can, as
+before). Unpickling is restricted to plain values (``_PlainUnpickler``: no
+class or function may be named, so a batch cannot run code), and a batch
+starts with its format's mark (a pickle's ``PROTO`` opcode, ``0x80``; a CBOR
+envelope, an array of 4 or 5, ``0x84``/``0x85``), so logs written with CBOR
+batches only still replay. Pickle because it is the cheaper codec by far for
+these lists of strings and numbers (encoding about 4x, decoding about 2x
+faster than cbor2 here, and smaller: repeated strings are stored once).
+
+An *ordered* batch (``[origin, inc, seq, items, true]``, what a node
 proposes) applies exactly once and in its proposer's order: the table keeps
 the last sequence number applied per proposer incarnation, skips a batch at or
 below it (a re-proposal of a batch that did commit) and refuses one beyond the
@@ -27,7 +39,9 @@ Pure: no clock, no I/O, no threads (``encode`` may run on another thread than
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,24 +82,44 @@ class AppliedBatch:
     status: str = BATCH_APPLY
 
 
+PICKLE_PROTOCOL = 5
+_PICKLED = b"\x80"  # a pickle's PROTO opcode; no CBOR batch envelope starts so
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain values only (lists, tuples, strings, numbers, bytes, None,
+    booleans): a pickle naming any global, a class or a function, is refused, so
+    unpickling a batch runs no code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a batch may not name {module}.{name}")
+
+
 def encode_batch(origin: str, inc: int, seq: int, items: list[tuple[int, Command]],
                  ordered: bool = False) -> bytes:
     """The log entry for ``items``; ``ordered`` (a node's proposals) makes the
     table apply it once and in ``seq`` order (see the module docstring)."""
-    wire = [[rid, cmd.to_wire()] for rid, cmd in items]
-    return _envelope(origin, inc, seq, wire, ordered)
+    wire, plain = wire_items(items)
+    return _envelope(origin, inc, seq, wire, ordered, plain)
 
 
-def _envelope(origin: str, inc: int, seq: int, wire: list[list[Any]], ordered: bool) -> bytes:
-    return cbor2.dumps([origin, inc, seq, wire, True] if ordered else [origin, inc, seq, wire])
+def _envelope(origin: str, inc: int, seq: int, wire: list[list[Any]], ordered: bool,
+              plain: bool) -> bytes:
+    envelope = [origin, inc, seq, wire, True] if ordered else [origin, inc, seq, wire]
+    if plain and type(origin) is str and type(inc) is int and type(seq) is int:
+        return pickle.dumps(envelope, PICKLE_PROTOCOL)
+    return cbor2.dumps(envelope)
 
 
 def decode_batch(blob: bytes) -> tuple[str, int, int, list[Any], bool]:
     """Decode a batch's envelope (origin, inc, seq, items, ordered); raise
     ``CommandError`` if it is malformed."""
     try:
-        envelope = cbor2.loads(blob)
-    except Exception as e:  # cbor2 raises several types; any of them means malformed
+        if blob[:1] == _PICKLED:
+            envelope = _PlainUnpickler(io.BytesIO(blob)).load()
+        else:
+            envelope = cbor2.loads(blob)
+    except Exception as e:  # the codecs raise several types; any of them means malformed
         raise CommandError(f"malformed batch: {e}") from None
     if type(envelope) is not list or len(envelope) not in (4, 5):
         raise CommandError("malformed batch envelope")
@@ -122,7 +156,7 @@ class BatchApplier:
         they are, not decoded again. Called by one proposing thread."""
         kept = tuple(items)
         wire, exact = wire_items(kept)
-        blob = _envelope(origin, inc, seq, wire, ordered)
+        blob = _envelope(origin, inc, seq, wire, ordered, exact)
         if exact:
             self._own[blob] = (origin, inc, seq, kept, ordered)
             order = self._own_order

@@ -401,11 +401,12 @@ def from_wire(item: Any) -> Command:
 
 
 def wire_items(items: Iterable[tuple[int, Command]]) -> tuple[list[list[Any]], bool]:
-    """A batch's ``[[rid, wire], ...]``, and whether every command decodes as
-    itself: ``from_wire`` of its wire form takes the fast path and gives back an
-    equal command (every field of exactly a type that cbor2 decodes unchanged:
-    no int in a float field, no bool, no subclass; the class a registered one).
-    A replica may then apply such commands as they are instead of decoding them."""
+    """A batch's ``[[rid, wire], ...]``, and whether every rid is an int and every
+    command decodes as itself: ``from_wire`` of its wire form takes the fast
+    path and gives back an equal command (every field of exactly a plain type
+    that a codec decodes unchanged: no int in a float field, no bool, no
+    subclass; the class a registered one). A replica may then apply such
+    commands as they are instead of decoding them."""
     out: list[list[Any]] = []
     exact = True
     for rid, cmd in items:
@@ -414,7 +415,8 @@ def wire_items(items: Iterable[tuple[int, Command]]) -> tuple[list[list[Any]], b
         out.append([rid, [cls.op, *args]])
         if exact:
             spec = _FAST.get(cls.op)
-            exact = spec is not None and spec[0] is cls and spec[1](args)
+            exact = (spec is not None and spec[0] is cls and spec[1](args)
+                     and type(rid) is int)
     return out, exact
 
 

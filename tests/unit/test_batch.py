@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+import pickletools
+from collections import OrderedDict
+from fractions import Fraction
 from typing import Any
 
 import cbor2
@@ -75,6 +79,13 @@ MALFORMED_BLOBS: list[bytes] = [
     cbor2.dumps(["n1", 1, 1, None]),
     cbor2.dumps("abcd"),  # four characters unpack into four fields
     cbor2.dumps(b"abcd"),
+    # pickled envelopes: the same checks, and no global may be named
+    pickle.dumps(["n1", 1, 1, [[1, ["noop"]]]], 5)[:-3],  # truncated
+    pickle.dumps(("n1", 1, 1, []), 5),
+    pickle.dumps(["n1", 1, 0, [], True], 5),
+    pickle.dumps(["n1", 1, 1, [], OrderedDict()], 5),
+    pickle.dumps(["n1", 1, 1, [[1, ["noop"]]], Fraction(1, 3)], 5),
+    b"\x80\x05",
 ]
 
 
@@ -282,10 +293,58 @@ def test_applier_never_raises_on_random_items(items: list[Any], envelope: bool) 
 
 
 @settings(max_examples=200, deadline=None)
-@given(blob=st.binary(max_size=64))
+@given(blob=st.binary(max_size=64) | st.binary(max_size=64).map(lambda b: b"\x80\x05" + b))
 def test_applier_never_raises_on_random_bytes(blob: bytes) -> None:
-    """Arbitrary bytes never make the applier raise."""
+    """Arbitrary bytes (also behind a pickle's mark) never make the applier raise."""
     BatchApplier(SessionTable()).apply(blob)
+
+
+class _Canary:
+    """Records its construction: a batch that names it must not build it."""
+
+    built = 0
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_Canary, ())
+
+    def __init__(self) -> None:
+        _Canary.built += 1
+
+
+def test_a_batch_of_plain_values_is_a_pickle_that_names_nothing() -> None:
+    """A batch of commands that decode as themselves is pickled (cheaper than
+    CBOR both ways); unpickling it needs no global, and one that names a global
+    (here a class whose construction would be recorded) is refused as malformed,
+    without building anything."""
+    items = _traffic()
+    blob = encode_batch("n1", 1, 1, items, ordered=True)
+    assert blob[:1] == b"\x80"
+    assert not any(op.name in {"GLOBAL", "STACK_GLOBAL", "REDUCE"}
+                   for op, _arg, _pos in pickletools.genops(blob))
+    assert decode_batch(blob) == ("n1", 1, 1, [[r, c.to_wire()] for r, c in items], True)
+    _Canary.built = 0
+    rogue = pickle.dumps(["n1", 1, 1, [[1, ["noop"]]], _Canary.__new__(_Canary)], 5)
+    with pytest.raises(CommandError, match="may not name"):
+        decode_batch(rogue)
+    assert BatchApplier(SessionTable()).apply(rogue) == AppliedBatch("", 0, 0, [])
+    assert _Canary.built == 0
+
+
+def test_a_batch_with_a_value_to_convert_stays_cbor_and_old_cbor_batches_apply() -> None:
+    """A command with an int where a float is due is encoded as CBOR, as every
+    batch was before: decoding converts it the same way on every replica; a
+    CBOR batch from an older log applies as a pickled one does."""
+    odd: list[tuple[int, Command]] = [
+        (1, Login("s1", "alice", "n1", 1, H, "online", None, 10)),  # type: ignore[arg-type]
+    ]
+    blob = encode_batch("n1", 1, 1, odd)
+    assert blob[:1] == b"\x84"
+    assert decode_batch(blob)[3] == [[1, ["login", "s1", "alice", "n1", 1, H, "online", None, 10]]]
+    old = cbor2.dumps(["n1", 1, 1, [[r, c.to_wire()] for r, c in _traffic()], True])
+    new = encode_batch("n1", 1, 1, _traffic(), ordered=True)
+    a, b = BatchApplier(SessionTable(("n1", 1))), BatchApplier(SessionTable(("n1", 1)))
+    assert a.apply(old) == b.apply(new)
+    assert a.table.digest() == b.table.digest()
 
 
 # --- ordered batches: exactly once, in the proposer's order ------------------------
