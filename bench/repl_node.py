@@ -20,8 +20,10 @@ logged in through the log first), stamps each with its (scheduled) enqueue
 time, and keeps up to ``--batches-in-flight`` batches (K, a node's default:
 2) of up to ``batch`` commands in flight, as a node's core does: whenever fewer
 are, the next one is formed at once from whatever queued meanwhile (group
-commit) and encoded with ``replication.batch.encode_batch`` (ordered in
-``fsm`` mode, as a node's; a batch the table skips or refuses counts as
+commit) and encoded with ``replication.batch.encode_batch`` (``fsm`` mode:
+ordered, and through ``ReplicatedLog.encode_batch``, as a node's core does,
+so that the leader applies its batches without decoding them; a batch the
+table skips or refuses counts as
 failed: the bench does not re-propose). Commit latency = enqueue time -> the
 batch's apply on the leader (seen from pysyncobj's tick thread).
 

@@ -16,8 +16,10 @@ Every configuration gets the same proposer and the same commands
 (``repl_node.Workload``): N sessions are logged in through the log (plus 4
 allow + subscribe pairs each), then a mix of 50% ``SetPresence``, 40% ``Send``
 (64-byte bodies) and 10% ``Ack``; batches of up to 1,000 commands encoded with
-``encode_batch``, up to K batches in flight (``fsm``: 2, a node's default
-``--batches-in-flight``; the raw baselines: 1, the notes' method, as plain
+``encode_batch`` (``fsm``: ``ReplicatedLog.encode_batch``, as a node's core
+does, so the leader applies them without decoding), up to K batches in
+flight (``fsm``: 2, a node's default ``--batches-in-flight``; the raw
+baselines: 1, the notes' method, as plain
 pysyncobj gives each batch an entry of its own), the next formed from what
 queued meanwhile.
 Phases: max (the queue never runs dry: committed commands/s over a fixed
