@@ -182,7 +182,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
         # Only complete pairs send: a recipient that could not log in (a node refused
         # it) would leave every message in its mailbox.
         active = [i for i in range(pairs) if senders[i].ok and recipients[i].ok]
-        pump = MessagePump([senders[i] for i in active], [recipients[i] for i in active],
+        msgs = MessagePump([senders[i] for i in active], [recipients[i] for i in active],
                            body_size=plan.body_size, ack_batch=ACK_BATCH, ack_every=ACK_FLUSH,
                            max_inflight=MAX_SENDER_INFLIGHT, slow=SLOW_E2E)
         start = time.perf_counter()
@@ -193,7 +193,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
         async def drive() -> None:
             if active:
                 await trio.to_thread.run_sync(partial(
-                    pump.run, rate=rate, window=plan.window, measure_from=measure_from,
+                    msgs.run, rate=rate, window=plan.window, measure_from=measure_from,
                     measure_to=measure_to, drain=DRAIN_SECONDS))
             pumped.set()
 
@@ -206,7 +206,7 @@ async def bench_messages(bc: BenchCluster, plan: Plan, placement: str, rate: flo
             cpu = bc.cpu.between(cpu0, bc.cpu.snapshot())
             await pumped.wait()
             nursery.cancel_scope.cancel()
-        st = pump.stats
+        st = msgs.stats
         st.failures.login_failures = logins.failures()
         stalls = await _phase_stalls(bc, st.slow, measure_from)
         await trio.to_thread.run_sync(logins.logout, 10.0)

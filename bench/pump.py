@@ -145,10 +145,7 @@ class MessagePump:
                 wake = min(next_ack, next_ping, end)
                 if self._sending and rate:
                     wake = min(wake, nxt)
-                for fd, _mask in ep.poll(max(0.0, wake - now), 1024):
-                    conn = by_fd.get(fd)
-                    if conn is not None and not conn.closed:
-                        self._event(conn)
+                self._poll(by_fd, max(0.0, wake - now))
                 now = time.perf_counter()
                 if self._sending and rate:
                     senders = self.senders
@@ -175,10 +172,7 @@ class MessagePump:
                 self._flush_acks(r)
             linger_end = time.perf_counter() + linger
             while (left := linger_end - time.perf_counter()) > 0:
-                for fd, _mask in ep.poll(left, 1024):
-                    conn = by_fd.get(fd)
-                    if conn is not None and not conn.closed:
-                        self._event(conn)
+                self._poll(by_fd, left)
         finally:
             for c in conns:
                 if not c.closed:
@@ -188,6 +182,14 @@ class MessagePump:
                         pass
             ep.close()
             self._ep = None
+
+    def _poll(self, by_fd: dict[int, _Conn], timeout: float) -> None:
+        """Wait up to ``timeout`` s for socket events and handle them."""
+        assert self._ep is not None
+        for fd, _mask in self._ep.poll(timeout, 1024):
+            conn = by_fd.get(fd)
+            if conn is not None and not conn.closed:
+                self._event(conn)
 
     def _drained(self) -> bool:
         st = self.stats
