@@ -328,7 +328,7 @@ NODE_COUNTERS = {
     "journal_fsyncs_total", "journal_fsync_seconds_total", "mailbox_messages",
     "sessions", "sessions_orphaned", "journal_cuts_total", "journal_cut_seconds_max",
     "compaction_start_seconds_max", "append_sends_total", "append_sends_skipped_total",
-    "append_answers_skipped_total", "raft_messages_sent_total",
+    "append_answers_skipped_total", "append_next_kept_ahead_total", "raft_messages_sent_total",
     *(f"gc_pause_seconds_max_gen{g}" for g in range(3)),
 }
 

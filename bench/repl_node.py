@@ -139,7 +139,9 @@ class FsmServer:
         ts = self.table.statistics()
         return {**_journal_stats(),
                 "resent_identical_skipped": skipped, "entries_replaced": replaced,
-                "truncation_events": truncations, "proposal_failures": self.failed,
+                "truncation_events": truncations,
+                "next_kept_ahead": self.log.send_statistics()[4],
+                "proposal_failures": self.failed,
                 "table": {"sessions": ts.sessions, "users": ts.users,
                           "mailbox_messages": ts.mailbox_messages,
                           "messages_sent": ts.messages_sent, "messages_acked": ts.messages_acked,

@@ -104,7 +104,7 @@ class CoreStats:
     rewrites: tuple[int, int, int] = (0, 0, 0)
     cuts: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
     compaction_starts: tuple[int, float, float] = (0, 0.0, 0.0)
-    append_sends: tuple[int, int, int, int] = (0, 0, 0, 0)
+    append_sends: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
     gc: list[collector.Pauses] = field(default_factory=list)
     raft: RaftStatus = field(default_factory=RaftStatus)
 

@@ -124,7 +124,7 @@ class _NodeCollector(Collector):
                     "thread at once", cut_max)
         yield counter("journal_cut_copy_seconds", "Time spent copying the kept entries, "
                       "off the Raft thread", cut_copy)
-        sends, skipped_sends, skipped_answers, peer_frames = cs.append_sends
+        sends, skipped_sends, skipped_answers, peer_frames, kept_ahead = cs.append_sends
         yield counter("raft_messages_sent", "Messages sent to the other Raft members",
                       peer_frames)
         yield counter("append_sends", "Rounds of append-entries messages the node sent its "
@@ -134,6 +134,9 @@ class _NodeCollector(Collector):
                       skipped_sends)
         yield counter("append_answers_skipped", "Answers to the leader not sent as follower "
                       "(a repeat of the answer sent a moment before)", skipped_answers)
+        yield counter("append_next_kept_ahead", "Followers' answers to older messages that "
+                      "pysyncobj would have let send the leader back to entries already "
+                      "sent", kept_ahead)
         _starts, start_seconds, start_max = cs.compaction_starts
         yield counter("compaction_start_seconds", "Time compaction starts (the fork of the "
                       "snapshot child) held the Raft thread", start_seconds)

@@ -945,6 +945,7 @@ class _AppendEntriesSends:
     skipped = 0  # (quiet ones included)
     quiet = 0  # commit-only sends skipped: the commit concerned no follower
     answers_skipped = 0  # as a follower
+    kept_ahead = 0  # answers that would have sent a follower's next index back
 
 
 class _CompactionStarts:
@@ -990,6 +991,7 @@ _send_append_entries = _psyncobj.SyncObj._SyncObj__sendAppendEntries
 _send_next_node_idx = _psyncobj.SyncObj._SyncObj__sendNextNodeIdx
 _on_node_connected = _psyncobj.SyncObj._SyncObj__onNodeConnected
 _on_node_disconnected = _psyncobj.SyncObj._SyncObj__onNodeDisconnected
+_on_message_received = _psyncobj.SyncObj._SyncObj__onMessageReceived
 _REGULAR = _psyncobj._COMMAND_TYPE.REGULAR
 MERGED_ENTRY_BYTES = 1024 * 1024
 """A leader merges batches into one entry only while the entry stays within this
@@ -1064,6 +1066,33 @@ class _SyncObj(SyncObj):
     def _SyncObj__onNodeDisconnected(self, node: Any) -> None:
         self._sb_answered.pop(node, None)
         _on_node_disconnected(self, node)
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        """pysyncobj's handler, less one step back: a follower's answer never moves
+        its next index below what the leader has already sent it.
+
+        On a successful answer that raises a follower's match index, pysyncobj
+        sets its next index to the answer's, even when the leader has sent it
+        later entries since (the answer is to an older message): the follower
+        outside the quorum lags one entry behind, each of its answers sent the
+        leader back, and the leader re-sent every entry from there in one
+        message (tens of entries, megabytes under load), which the follower
+        decoded, cut its log for and skipped. As in etcd-raft, the next index
+        only moves forward on success; a follower that truly lacks entries says
+        so (``reset``), and that still moves it back.
+        """
+        if (type(message) is dict and message.get("type") == "next_node_idx"
+                and message.get("success") and not message.get("reset")
+                and self._SyncObj__raftState == _LEADER):
+            next_index = self._SyncObj__raftNextIndex
+            sent = next_index.get(node)
+            _on_message_received(self, node, message)
+            if (sent is not None and self._SyncObj__raftState == _LEADER
+                    and next_index.get(node, sent) < sent):
+                next_index[node] = sent
+                _AppendEntriesSends.kept_ahead += 1
+            return
+        _on_message_received(self, node, message)
 
     def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
                                   nextNodeIdx: int | None = None, success: bool = False) -> None:
@@ -1468,12 +1497,13 @@ class ReplicatedLog:
         return c.count, c.seconds, c.seconds_max
 
     @staticmethod
-    def send_statistics() -> tuple[int, int, int, int]:
+    def send_statistics() -> tuple[int, int, int, int, int]:
         """(pysyncobj append-entries sends carried out by this process as leader,
         sends skipped as telling the followers nothing new, answers to the
-        leader skipped as follower for the same reason, messages sent to peers)."""
+        leader skipped as follower for the same reason, messages sent to peers,
+        followers' answers that would have sent their next index back)."""
         a = _AppendEntriesSends
-        return a.sent, a.skipped, a.answers_skipped, sent_peer_frames
+        return a.sent, a.skipped, a.answers_skipped, sent_peer_frames, a.kept_ahead
 
     @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:

@@ -216,8 +216,41 @@ def test_a_commit_that_concerns_no_follower_waits_for_the_next_message(
 
 
 def test_the_counters_are_process_wide() -> None:
-    assert len(ReplicatedLog.send_statistics()) == 4
+    assert len(ReplicatedLog.send_statistics()) == 5
     assert isinstance(raft.sent_peer_frames, int)
+
+
+def test_a_lagging_followers_answers_never_send_the_leader_back(tmp_path: Path) -> None:
+    """A follower outside the quorum (here: a slow disk) answers each entry after
+    the leader has sent it the next ones. pysyncobj then set the follower's next
+    index back to the answer's and re-sent it every entry from there, in one
+    message, which the follower skipped as already held; the leader now keeps the
+    next index where it was, and sends each entry once."""
+    applied = Applied()
+    with raft_group(tmp_path, applied.callback, fsync=True,
+                    timings=raft.RaftTimings(entry_interval=0.0)) as logs:
+        k = leader_of(logs)
+        journal = logs[(k + 1) % 3]._sync._SyncObj__raftLog
+        sync = journal._sync
+
+        def slow_sync() -> None:
+            time.sleep(0.004)
+            sync()
+
+        propose_noop(logs[k], 1)
+        applied.settle()
+        journal._sync = slow_sync
+        skipped0 = raft._DurableFileJournal.skipped_identical
+        kept0 = ReplicatedLog.send_statistics()[4]
+        for seq in range(2, 1002):
+            propose_noop(logs[k], seq)
+            if seq % 10 == 0:
+                time.sleep(0.001)
+        applied.settle()
+        skipped = raft._DurableFileJournal.skipped_identical - skipped0
+        kept = ReplicatedLog.send_statistics()[4] - kept0
+    assert kept > 0, kept
+    assert skipped == 0, skipped  # entries re-sent to the slow follower
 
 
 def test_a_new_link_forgets_the_last_answer(tmp_path: Path) -> None:
