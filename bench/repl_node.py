@@ -18,7 +18,7 @@ The proposer (on whichever member is leader) is the same in both modes: it
 generates real commands (``SetPresence``, ``Send``, ``Ack`` for sessions it
 logged in through the log first), stamps each with its (scheduled) enqueue
 time, and keeps up to ``--batches-in-flight`` batches (K, a node's default:
-2) of up to ``batch`` commands in flight, as a node's core does: whenever fewer
+4) of up to ``batch`` commands in flight, as a node's core does: whenever fewer
 are, the next one is formed at once from whatever queued meanwhile (group
 commit) and encoded with ``replication.batch.encode_batch`` (``fsm`` mode:
 ordered, and through ``ReplicatedLog.encode_batch``, as a node's core does,
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from node import collector
+from node.config import NodeConfig
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Ack, Allow, Command, Login, Send, SetPresence, Subscribe
 from replication.table import BATCH_APPLY
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compaction-entries", type=int, default=20_000)
     ap.add_argument("--compaction-seconds", type=int, default=600)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--batches-in-flight", type=int, default=2)
+    ap.add_argument("--batches-in-flight", type=int, default=NodeConfig.batches_in_flight)
     ap.add_argument("--prebuilt", action="store_true",
                     help="raw mode: propose pre-encoded batches (the notes' method)")
     args = ap.parse_args(argv)

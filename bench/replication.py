@@ -18,7 +18,7 @@ allow + subscribe pairs each), then a mix of 50% ``SetPresence``, 40% ``Send``
 (64-byte bodies) and 10% ``Ack``; batches of up to 1,000 commands encoded with
 ``encode_batch`` (``fsm``: ``ReplicatedLog.encode_batch``, as a node's core
 does, so the leader applies them without decoding), up to K batches in
-flight (``fsm``: 2, a node's default ``--batches-in-flight``; the raw
+flight (``fsm``: 4, a node's default ``--batches-in-flight``; the raw
 baselines: 1, the notes' method, as plain
 pysyncobj gives each batch an entry of its own), the next formed from what
 queued meanwhile.
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_base_port
+from node.config import NodeConfig
 from replication.raft import RaftTimings
 
 from .common import (
@@ -93,7 +94,7 @@ class Plan:
     rate_seconds: float
     rate_warmup: float
     batch: int = 1000
-    batches_in_flight: int = 2
+    batches_in_flight: int = NodeConfig.batches_in_flight
 
 
 FULL = Plan(configs=("raw-prebuilt", "raw", "fsm", "raw-fsync", "fsm-nofsync", "fsm", "raw",

@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest client frame in bytes (default 262144)")
     nd.add_argument("--join", action="store_true",
                     help="a new member: serve clients only after `switchboard admin add`")
-    nd.add_argument("--batches-in-flight", type=int, default=2,
+    nd.add_argument("--batches-in-flight", type=int, default=4,
                     help="group-commit batches this node keeps proposed and not yet "
-                    "applied (1-16, default 2)")
+                    "applied (1-16, default 4)")
     nd.add_argument("--compaction-entries", type=int, default=20_000,
                     help="snapshot the table after this many log entries (default 20000)")
     nd.add_argument("--log-format", choices=["kv", "json"], default="kv")

@@ -69,7 +69,7 @@ class NodeConfig:
     # Group commit
     batch_max_commands: int = 1000
     batch_max_bytes: int = 512 * 1024
-    batches_in_flight: int = 2  # proposed and not yet applied (ordered: see node.core)
+    batches_in_flight: int = 4  # proposed and not yet applied (ordered: see node.core)
     # Replication
     join: bool = False  # a new member: serve clients only once an operator added it
     fsync: bool = True
