@@ -79,7 +79,7 @@ def test_a_node_keeps_four_batches_in_flight_by_default() -> None:
     own batch at once instead of waiting for this node to apply one, so it
     joins the leader's next entry. ``python -m bench replication``'s ``fsm``
     group at 20,000 commands/s, alternating K=2 and K=4 (docs/benchmarks.md,
-    seventh session): commit p50 3.11-4.28 against 3.77-5.36 ms."""
+    seventh session): commit p50 3.11-4.13 against 3.77-5.36 ms in six pairs."""
     from cluster.cli import build_parser
 
     args = build_parser().parse_args([
