@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from node import collector
-from node.config import NodeConfig
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Ack, Allow, Command, Login, Send, SetPresence, Subscribe
 from replication.table import BATCH_APPLY
@@ -529,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compaction-entries", type=int, default=20_000)
     ap.add_argument("--compaction-seconds", type=int, default=600)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--batches-in-flight", type=int, default=NodeConfig.batches_in_flight)
+    # Always given by bench.replication (a node's default for ``fsm``): no default
+    # here, whose import (node.config -> replication.raft) would patch the raw
+    # baselines' pysyncobj with the node's peer framing.
+    ap.add_argument("--batches-in-flight", type=int, required=True)
     ap.add_argument("--prebuilt", action="store_true",
                     help="raw mode: propose pre-encoded batches (the notes' method)")
     args = ap.parse_args(argv)
