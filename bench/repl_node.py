@@ -312,6 +312,12 @@ class Proposer:
         self.inc = inc
         self.batch = batch
         self.lock = threading.Lock()
+        # Numbering and proposing go together, in one thread at a time: the generator
+        # and the tick thread's callbacks both propose, and an ordered batch that
+        # reaches the log after its successor is refused as a gap, with every later
+        # one (the bench does not re-propose). Re-entrant: a refused proposal calls
+        # back in the proposing thread, which proposes the next batch.
+        self._sending = threading.RLock()
         self.queue: deque[tuple[float, Command | None]] = deque()
         self.k = k
         self.ordered = ordered
@@ -350,8 +356,11 @@ class Proposer:
     def _propose(self, take: list[tuple[float, Command | None]]) -> None:
         if not take:
             return
-        self.seq += 1
-        seq = self.seq
+        with self._sending:
+            self.seq += 1
+            self._send(self.seq, take)
+
+    def _send(self, seq: int, take: list[tuple[float, Command | None]]) -> None:
         if self.prebuilt is not None:
             blob = self._blobs.get(len(take))
             if blob is None:
