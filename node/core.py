@@ -278,6 +278,9 @@ class Core:
     def _on_applied(self, index: int, batch: AppliedBatch) -> None:
         self._from_raft_thread("applied", (index, batch))
 
+    def _on_checkpoint(self, tag: str, index: int, digest: str) -> None:
+        self._from_raft_thread("checkpoint", (tag, index, digest))
+
     def _on_restored(self) -> None:
         # Still on the replication thread, which owns the table.
         applied = self.table.applied_batch(self.node_id, self.inc)
@@ -308,6 +311,8 @@ class Core:
                     self._handle_failed(*payload)
                 elif kind == "restored":
                     self._handle_restored(*payload)
+                elif kind == "checkpoint":
+                    self._record_checkpoint(*payload)
                 elif kind == "call":
                     event, box, err = payload
                     box.append(err)
@@ -337,9 +342,6 @@ class Core:
         sink = self.effect_sink
         now = time.monotonic()
         for outcome in batch.outcomes:
-            value = outcome.result.value
-            if value and "checkpoint" in value:
-                self._record_checkpoint(value["checkpoint"], index, value["digest"])
             if mine:
                 p = pending.pop(outcome.rid, None)
                 if p is not None and not p.answered:
@@ -489,7 +491,8 @@ class Core:
             password=self._raft_password, timings=cfg.timings, fsync=cfg.fsync,
             compaction_entries=cfg.compaction_entries,
         )
-        self.log = ReplicatedLog(raft_cfg, self.table, self._on_applied, self._on_restored)
+        self.log = ReplicatedLog(raft_cfg, self.table, self._on_applied, self._on_restored,
+                                 self._on_checkpoint)
         try:
             await trio.to_thread.run_sync(self.log.wait_bound)
             async with trio.open_nursery() as nursery:

@@ -49,7 +49,7 @@ from typing import Any
 
 import cbor2
 
-from .commands import Checkpoint, Command, CommandError, from_wire, wire_items
+from .commands import Command, CommandError, from_wire, wire_items
 from .table import BATCH_APPLY, Effect, Result, SessionTable, error
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,9 @@ class AppliedBatch:
 
     ``outcomes``: every command's, in order, for a batch of the table's own
     identity (``SessionTable.local``; every batch when it has none); for
-    another proposer's batch only those with effects here or a checkpoint: the
-    other results matter to their proposer alone."""
+    another proposer's batch only those with effects here: the other results
+    matter to their proposer alone (a checkpoint's digest is the replication
+    shell's, ``SessionTable.checkpoints_due``)."""
 
     origin: str
     inc: int
@@ -207,6 +208,6 @@ class BatchApplier:
                 log.exception("table failed to apply %s", cmd.op)
                 result, effects = error("internal", f"{type(e).__name__}: {e}"), []
             self.commands += 1
-            if every or effects or type(cmd) is Checkpoint:
+            if every or effects:
                 outcomes.append(Outcome(rid, result, effects))
         return AppliedBatch(origin, inc, seq, outcomes)

@@ -287,8 +287,10 @@ class Leave(Command):
 
 @dataclass(slots=True)
 class Checkpoint(Command):
-    """Every node records the table's digest at this exact log position, under
-    ``tag``: comparing them proves the replicas identical (chaos checker, admin)."""
+    """Every node records the table's digest after the log entry holding this
+    command, under ``tag``: comparing them proves the replicas identical (chaos
+    checker, admin). The table only notes the tag (``checkpoints_due``): the
+    replication shell computes the digest off its apply thread."""
 
     op: ClassVar[str] = "checkpoint"
     types: ClassVar[tuple[Any, ...]] = (str,)

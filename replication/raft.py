@@ -5,7 +5,9 @@
 - ``propose`` may be called from any thread (in a node: the Trio thread).
 - Committed batches are applied to the ``SessionTable`` on the tick thread,
   which then calls ``on_applied(index, AppliedBatch)``; snapshot installs call
-  ``on_restored()``; a proposal pysyncobj refuses calls its ``on_fail(reason)``
+  ``on_restored()``; a checkpoint's digest, computed in a forked child after
+  its entry applied, calls ``on_checkpoint(tag, index, digest)`` on a thread of
+  its own; a proposal pysyncobj refuses calls its ``on_fail(reason)``
   (on the tick thread, or in the caller's thread for a full queue). These
   callbacks must only hand work over to another thread, never block.
 - ``status()`` returns a copy refreshed on the tick thread, safe to read anywhere.
@@ -894,11 +896,14 @@ class _TableConsumer(SyncObjConsumer):
         applier: BatchApplier,
         on_applied: Callable[[int, AppliedBatch], None],
         on_restored: Callable[[], None],
+        on_checkpoint: OnCheckpoint,
     ):
         # Set before the base constructor so pysyncobj never pickles them.
         self._applier = applier
         self._on_applied = on_applied
         self._on_restored = on_restored
+        self._on_checkpoint = on_checkpoint
+        self._digests = _DigestChildren()
         self._index_of: Callable[[], int] = lambda: 0
         super().__init__()
 
@@ -924,9 +929,22 @@ class _TableConsumer(SyncObjConsumer):
         except Exception:
             log.exception("applying a batch failed")
 
+    def _entry_applied(self, index: int) -> None:
+        due = self._applier.table.checkpoints_due
+        if due:
+            tags = list(due)
+            due.clear()
+            try:
+                _digest_after(self._digests, self._applier.table, index, tags,
+                              self._on_checkpoint)
+            except Exception:
+                log.exception("checkpoint digest failed")
+
     @replicated
     def apply_batch(self, blob: bytes) -> None:
-        self._apply(self._index_of(), blob)
+        index = self._index_of()
+        self._apply(index, blob)
+        self._entry_applied(index)
 
     @replicated
     def apply_batches(self, blobs: list[bytes]) -> None:
@@ -935,6 +953,7 @@ class _TableConsumer(SyncObjConsumer):
         index = self._index_of()
         for blob in blobs:
             self._apply(index, blob)
+        self._entry_applied(index)
 
 
 class _AppendEntriesSends:
@@ -981,6 +1000,94 @@ def _compaction_child() -> None:
     except OSError:
         pass
     gc.disable()
+
+
+OnCheckpoint = Callable[[str, int, str], None]
+"""``on_checkpoint(tag, log index, digest)``, called on a thread of its own."""
+
+MAX_DIGEST_CHILDREN = 2
+"""A member's digest children alive at once; a checkpoint beyond that is
+digested inline."""
+
+
+class _DigestChildren:
+    """A member's checkpoint digest children alive now; the process's totals."""
+
+    forked = 0
+    inline = 0
+    failed = 0
+
+    def __init__(self) -> None:
+        self.alive = 0
+        self.lock = threading.Lock()
+
+
+def _digest_after(children: _DigestChildren, table: SessionTable, index: int,
+                  tags: list[str], report: OnCheckpoint) -> None:
+    """The table's digest as it is now (after log entry ``index``), reported for
+    each checkpoint tag. On the tick thread: a forked child computes it from its
+    copy-on-write image of the table while the tick thread goes on; done inline,
+    a digest of 200,000 sessions held the tick thread 3-4 s here, no member sent
+    or answered a message meanwhile, and followers elected a new leader."""
+    t0 = time.monotonic()
+    with children.lock:
+        fork = children.alive < MAX_DIGEST_CHILDREN and hasattr(os, "fork")
+        if fork:
+            children.alive += 1
+    if not fork:
+        _DigestChildren.inline += 1
+        digest = table.digest()
+        _record_hold(t0, "digest")
+        for tag in tags:
+            report(tag, index, digest)
+        return
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        with children.lock:
+            children.alive -= 1
+        _DigestChildren.inline += 1
+        digest = table.digest()
+        _record_hold(t0, "digest")
+        for tag in tags:
+            report(tag, index, digest)
+        return
+    if pid == 0:  # the child (``_compaction_child`` ran: no GC, dies with the node)
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, table.digest().encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _DigestChildren.forked += 1
+    _record_hold(t0, "digest-fork")
+    threading.Thread(target=_await_digest, args=(children, pid, r, index, tags, report),
+                     name="checkpoint-digest", daemon=True).start()
+
+
+def _await_digest(children: _DigestChildren, pid: int, r: int, index: int, tags: list[str],
+                  report: OnCheckpoint) -> None:
+    try:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+    finally:
+        with children.lock:
+            children.alive -= 1
+    if not data:
+        _DigestChildren.failed += 1
+        log.warning("checkpoint digest failed (its child died): %s at %d", tags, index)
+        return
+    for tag in tags:
+        try:
+            report(tag, index, data.decode())
+        except Exception:
+            log.exception("on_checkpoint failed")
 
 
 _LEADER = _psyncobj._RAFT_STATE.LEADER
@@ -1326,6 +1433,7 @@ class ReplicatedLog:
         table: SessionTable,
         on_applied: Callable[[int, AppliedBatch], None],
         on_restored: Callable[[], None] = lambda: None,
+        on_checkpoint: OnCheckpoint = lambda _tag, _index, _digest: None,
     ):
         self.config = config
         self.table = table
@@ -1364,7 +1472,7 @@ class ReplicatedLog:
         )
         conf.sb_compaction_entries = config.compaction_entries  # _SyncObj's turns
         conf.sb_entry_interval = t.entry_interval  # _SyncObj's pacing
-        self._consumer = _TableConsumer(self.applier, on_applied, on_restored)
+        self._consumer = _TableConsumer(self.applier, on_applied, on_restored, on_checkpoint)
         self._status = RaftStatus()
         self._status_lock = threading.Lock()
         self._last_status = 0.0

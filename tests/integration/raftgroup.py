@@ -12,7 +12,7 @@ from typing import Any
 from cluster.ports import free_base_port
 from replication.batch import AppliedBatch, encode_batch
 from replication.commands import Command, Noop
-from replication.raft import RaftConfig, ReplicatedLog
+from replication.raft import OnCheckpoint, RaftConfig, ReplicatedLog
 from replication.table import SessionTable
 
 OnApplied = Callable[[int, AppliedBatch], None]
@@ -20,11 +20,12 @@ OnApplied = Callable[[int, AppliedBatch], None]
 
 @contextmanager
 def raft_group(tmp_path: Path, on_applied: Callable[[int], OnApplied] | None = None,
-               local: bool = False, **config: Any) -> Iterator[list[ReplicatedLog]]:
-    """Start three members (``on_applied(k)`` gives member k's callback; ``config``
-    goes to every ``RaftConfig``), wait for a leader, close them all at the end.
-    With ``local``, member k's table holds the sessions of node "m{k}" (incarnation 1)
-    as its own, as a node's does."""
+               local: bool = False, on_checkpoint: Callable[[int], OnCheckpoint] | None = None,
+               **config: Any) -> Iterator[list[ReplicatedLog]]:
+    """Start three members (``on_applied(k)`` and ``on_checkpoint(k)`` give member
+    k's callbacks; ``config`` goes to every ``RaftConfig``), wait for a leader,
+    close them all at the end. With ``local``, member k's table holds the sessions
+    of node "m{k}" (incarnation 1) as its own, as a node's does."""
     base = free_base_port(3)
     addrs = [f"127.0.0.1:{base + k}" for k in range(3)]
     logs: list[ReplicatedLog] = []
@@ -34,7 +35,10 @@ def raft_group(tmp_path: Path, on_applied: Callable[[int], OnApplied] | None = N
                              data_dir=tmp_path / f"m{k}", password="test-secret", **config)
             callback = on_applied(k) if on_applied else (lambda _i, _b: None)
             table = SessionTable(local=(f"m{k}", 1)) if local else SessionTable()
-            logs.append(ReplicatedLog(cfg, table, callback))
+            if on_checkpoint is not None:
+                logs.append(ReplicatedLog(cfg, table, callback, on_checkpoint=on_checkpoint(k)))
+            else:
+                logs.append(ReplicatedLog(cfg, table, callback))
         leader_of(logs)
         yield logs
     finally:
