@@ -21,6 +21,7 @@ import structlog
 import trio
 
 from replication.commands import Checkpoint, Join, Leave
+from replication.raft import DIGEST_DEADLINE
 
 from .auth import Keys
 from .config import NodeConfig, format_addr
@@ -290,8 +291,10 @@ class AdminServer:
         result = await self.core.request(Checkpoint(tag), timeout=10)
         if not result.ok:
             raise AdminError(result.code or "internal", result.reason or "")
-        index, digest = await self.core.wait_checkpoint(tag)
-        return {"tag": tag, "index": index, "digest": digest}
+        with trio.move_on_after(DIGEST_DEADLINE + 10):
+            index, digest = await self.core.wait_checkpoint(tag)
+            return {"tag": tag, "index": index, "digest": _usable(tag, digest)}
+        raise AdminError("not-applied", f"checkpoint {tag} committed, no digest here yet")
 
     async def _digest(self, args: dict[str, Any]) -> dict[str, Any]:
         """This replica's digest at checkpoint ``tag`` (waits up to ``timeout`` s for it)."""
@@ -301,8 +304,15 @@ class AdminServer:
             raise AdminError("bad-args", "digest needs a string tag and a numeric timeout")
         with trio.move_on_after(min(float(timeout), 60.0)):
             index, digest = await self.core.wait_checkpoint(tag)
-            return {"tag": tag, "index": index, "digest": digest}
+            return {"tag": tag, "index": index, "digest": _usable(tag, digest)}
         raise AdminError("not-applied", f"checkpoint {tag} not applied here yet")
+
+
+def _usable(tag: str, digest: str) -> str:
+    """A digest the node could compute, or the reason it could not, as an error."""
+    if digest.startswith("unavailable"):
+        raise AdminError("digest-unavailable", f"checkpoint {tag}: {digest}")
+    return digest
 
 
 def node_status(config: NodeConfig, core: Core, gateway: GatewayLike,
