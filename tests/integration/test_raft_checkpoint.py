@@ -30,6 +30,38 @@ pytestmark = [pytest.mark.integration]
 DIGEST_SECONDS = 2.0
 
 
+class _Members:
+    """What each of the three members applied (batch seq -> (when, log index))
+    and reported for checkpoints (tag, log index, digest)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.applied: list[dict[int, tuple[float, int]]] = [{} for _ in range(3)]
+        self.digests: list[list[tuple[str, int, str]]] = [[] for _ in range(3)]
+
+    def on_applied(self, member: int) -> Any:
+        def record(index: int, batch: AppliedBatch) -> None:
+            with self.lock:
+                self.applied[member][batch.seq] = (time.monotonic(), index)
+        return record
+
+    def on_checkpoint(self, member: int) -> Any:
+        def record(tag: str, index: int, digest: str) -> None:
+            with self.lock:
+                self.digests[member].append((tag, index, digest))
+        return record
+
+    def wait(self, done: Any, timeout: float = 10.0) -> bool:
+        """Until ``done(applied, digests)`` holds (under the lock), or the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if done(self.applied, self.digests):
+                    return True
+            time.sleep(0.01)
+        return False
+
+
 def test_a_slow_checkpoint_digest_never_holds_the_tick_threads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a digest that takes 2 s on every member, entries proposed right after
@@ -43,46 +75,26 @@ def test_a_slow_checkpoint_digest_never_holds_the_tick_threads(
         return real_digest(table)
 
     monkeypatch.setattr(SessionTable, "digest", slow_digest)
-    lock = threading.Lock()
-    applied: list[dict[int, float]] = [{} for _ in range(3)]  # batch seq -> when applied
-    at_index: list[dict[int, int]] = [{} for _ in range(3)]  # batch seq -> log index
-    digests: list[list[tuple[str, int, str]]] = [[] for _ in range(3)]
-
-    def on_applied(member: int) -> Any:
-        def record(index: int, batch: AppliedBatch) -> None:
-            with lock:
-                applied[member][batch.seq] = time.monotonic()
-                at_index[member][batch.seq] = index
-        return record
-
-    def on_checkpoint(member: int) -> Any:
-        def record(tag: str, index: int, digest: str) -> None:
-            with lock:
-                digests[member].append((tag, index, digest))
-        return record
-
-    with raft_group(tmp_path, on_applied, on_checkpoint=on_checkpoint, fsync=False) as logs:
+    m = _Members()
+    with raft_group(tmp_path, m.on_applied, on_checkpoint=m.on_checkpoint, fsync=False) as logs:
         k = leader_of(logs)
         propose(logs[k], 1, Checkpoint("c1"))
         t0 = time.monotonic()
         for seq in range(2, 7):
             propose(logs[k], seq, Noop())
             time.sleep(0.05)
-        deadline = t0 + 10
-        while time.monotonic() < deadline:
-            with lock:
-                if all(len(d) == 1 for d in digests) and all(len(a) == 6 for a in applied):
-                    break
-            time.sleep(0.02)
-        with lock:
-            noops = [max(a[s] for s in range(2, 7)) - t0 for a in applied if len(a) == 6]
-            got = [list(d) for d in digests]
-        assert len(noops) == 3, applied
+        m.wait(lambda applied, digests: all(len(d) == 1 for d in digests)
+               and all(len(a) == 6 for a in applied))
+        with m.lock:
+            noops = [max(a[s][0] for s in range(2, 7)) - t0 for a in m.applied if len(a) == 6]
+            got = [list(d) for d in m.digests]
+            checkpoint_index = m.applied[0][1][1]
+        assert len(noops) == 3, m.applied
         # The noops commit and apply everywhere well before one digest is done.
         assert max(noops) < 0.75 * DIGEST_SECONDS, noops
         assert got[0] and got[0] == got[1] == got[2], got
         tag, index, digest = got[0][0]
-        assert tag == "c1" and index == at_index[0][1] and not digest.startswith("unavailable")
+        assert tag == "c1" and index == checkpoint_index and not digest.startswith("unavailable")
 
 
 def test_a_digest_that_cannot_be_computed_is_reported_unavailable(
@@ -94,43 +106,14 @@ def test_a_digest_that_cannot_be_computed_is_reported_unavailable(
         os._exit(3)  # the child dies without a word
 
     monkeypatch.setattr(SessionTable, "digest", dying_digest)
-    lock = threading.Lock()
-    digests: list[list[tuple[str, int, str]]] = [[] for _ in range(3)]
-    applied: list[set[int]] = [set() for _ in range(3)]
-
-    def on_applied(member: int) -> Any:
-        def record(_index: int, batch: AppliedBatch) -> None:
-            with lock:
-                applied[member].add(batch.seq)
-        return record
-
-    def on_checkpoint(member: int) -> Any:
-        def record(tag: str, index: int, digest: str) -> None:
-            with lock:
-                digests[member].append((tag, index, digest))
-        return record
-
-    def wait_applied(seq: int) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with lock:
-                if all(seq in a for a in applied):
-                    return
-            time.sleep(0.01)
-        raise AssertionError(f"batch {seq} not applied everywhere")
-
-    with raft_group(tmp_path, on_applied, on_checkpoint=on_checkpoint, fsync=False) as logs:
+    m = _Members()
+    with raft_group(tmp_path, m.on_applied, on_checkpoint=m.on_checkpoint, fsync=False) as logs:
         k = leader_of(logs)
         propose(logs[k], 1, Checkpoint("dies"))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with lock:
-                if all(d for d in digests):
-                    break
-            time.sleep(0.02)
-        with lock:
+        m.wait(lambda _applied, digests: all(digests))
+        with m.lock:
             assert all(d and d[0][0] == "dies" and d[0][2].startswith("unavailable")
-                       for d in digests), digests
+                       for d in m.digests), m.digests
 
         # Every slot busy: the next checkpoint is not digested, and says so.
         gate = threading.Event()
@@ -143,14 +126,9 @@ def test_a_digest_that_cannot_be_computed_is_reported_unavailable(
         monkeypatch.setattr(raft, "DIGEST_DEADLINE", 3.0)
         for seq, tag in enumerate(["a", "b", "c"], start=2):  # one entry each
             propose(logs[k], seq, Checkpoint(tag))
-            wait_applied(seq)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with lock:
-                if all(len(d) >= 4 for d in digests):
-                    break
-            time.sleep(0.02)
-        with lock:
-            for d in digests:
+            assert m.wait(lambda applied, _d, seq=seq: all(seq in a for a in applied)), seq
+        m.wait(lambda _applied, digests: all(len(d) >= 4 for d in digests))
+        with m.lock:
+            for d in m.digests:
                 by_tag = {tag: digest for tag, _i, digest in d}
                 assert by_tag.get("c", "").startswith("unavailable: too many"), d
