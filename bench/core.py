@@ -18,9 +18,10 @@
     the maximum (closed loop, a window of sends in flight per sender). Recipients acknowledge in
     batches, as a real client would, so mailboxes stay small. A node serves at
     most 500 frames/s per connection by default (``--frame-rate``), so the
-    maximum can never exceed 500/s per sender: 24 pairs (8 per node) keep that
-    ceiling at 12,000/s, above what this machine reaches (with 12 pairs the max
-    phase stopped at 6,000/s, against the limiter).
+    maximum can never exceed 500/s per sender: 36 pairs (12 per node) keep that
+    ceiling at 18,000/s. With 24 pairs the max phases of a faster machine
+    stopped at the ceiling (12,036-12,622/s, thousands of sends answered
+    ``rate-limited``); with 12 pairs, on an earlier one, at 6,000/s.
 
 Load comes from ``bench.burst`` (the logins of (a) and (c)), ``bench.loadgen``
 ((b)) and ``bench.pump`` (the messages of (c)), all the raw protocol, not the
@@ -77,7 +78,7 @@ class Plan:
 
 
 FULL = Plan(login_clients=1000, login_waves=3, presence_clients=(64,), presence_seconds=15.0,
-            warmup=2.0, pairs_per_node=8, target_rates=(500.0, 5000.0), window=32,
+            warmup=2.0, pairs_per_node=12, target_rates=(500.0, 5000.0), window=32,
             message_seconds=15.0)
 QUICK = Plan(login_clients=150, login_waves=1, presence_clients=(64,), presence_seconds=3.0,
              warmup=0.5, pairs_per_node=2, target_rates=(300.0,), window=16,
