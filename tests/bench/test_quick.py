@@ -53,9 +53,9 @@ def test_core_quick_with_the_gateway_in_the_node_process(tmp_path: Path) -> None
         cwd=ROOT, env=dict(os.environ, COLUMNS="150"), capture_output=True, text=True,
         timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "default settings but --workers 0" in proc.stdout
+    assert "default settings but --frame-rate 100000 --workers 0" in proc.stdout
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["node_args"] == ["--workers", "0"]
+    assert result["node_args"] == ["--frame-rate", "100000", "--workers", "0"]
     assert result["command"] == "python -m bench core --quick --workers 0"
     assert all(m["missing"] == 0 and m["delivered"] > 0 for m in result["messages"])
 
