@@ -1054,20 +1054,23 @@ def _digest_after(children: _DigestChildren, table: SessionTable, index: int,
                     MAX_DIGEST_CHILDREN)
         _report_all(report, tags, index, "unavailable: too many digests at once")
         return
+
+    def give_up(why: BaseException) -> None:
+        children.release()
+        _report_all(report, tags, index, f"unavailable: {why}")
+
     t0 = time.monotonic()
     try:
         r, w = os.pipe()
     except OSError as e:
-        children.release()
-        _report_all(report, tags, index, f"unavailable: {e}")
+        give_up(e)
         return
     try:
         pid = os.fork()
     except OSError as e:
         os.close(r)
         os.close(w)
-        children.release()
-        _report_all(report, tags, index, f"unavailable: {e}")
+        give_up(e)
         return
     if pid == 0:  # the child (``_compaction_child`` ran: no GC, dies with the node)
         code = 1
@@ -1087,8 +1090,7 @@ def _digest_after(children: _DigestChildren, table: SessionTable, index: int,
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        children.release()
-        _report_all(report, tags, index, f"unavailable: {e}")
+        give_up(e)
 
 
 def _await_digest(children: _DigestChildren, pid: int, r: int, index: int, tags: list[str],

@@ -35,10 +35,8 @@ def raft_group(tmp_path: Path, on_applied: Callable[[int], OnApplied] | None = N
                              data_dir=tmp_path / f"m{k}", password="test-secret", **config)
             callback = on_applied(k) if on_applied else (lambda _i, _b: None)
             table = SessionTable(local=(f"m{k}", 1)) if local else SessionTable()
-            if on_checkpoint is not None:
-                logs.append(ReplicatedLog(cfg, table, callback, on_checkpoint=on_checkpoint(k)))
-            else:
-                logs.append(ReplicatedLog(cfg, table, callback))
+            checkpoint = on_checkpoint(k) if on_checkpoint else (lambda _t, _i, _d: None)
+            logs.append(ReplicatedLog(cfg, table, callback, on_checkpoint=checkpoint))
         leader_of(logs)
         yield logs
     finally:
