@@ -606,7 +606,8 @@ class Core:
             elapsed = min(now - last, 2 * interval)
             last = now
             in_flight = True
-            self.submit(Tick(wall(), elapsed, self.config.grace, self.config.node_timeout),
+            self.submit(Tick(wall(), elapsed, self.config.grace, self.config.node_timeout,
+                             self.config.expiries_per_tick),
                         done, timeout=2 * interval + 1.0, keep=False)
 
     async def leave(self, timeout: float = 1.0) -> None:

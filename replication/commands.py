@@ -242,15 +242,20 @@ class Tick(Command):
     of silent nodes and expires sessions not resumed within the grace window.
     ``now`` is the leader's wall clock, used only for last-seen times.
 
-    The timeouts ride in the command so that the leader alone decides them.
+    The timeouts ride in the command so that the leader alone decides them, and so
+    does ``max_expiries``: at most that many sessions expire in this tick (0: no
+    bound, as in logs written before the field existed), so that one tick after a
+    big node's sessions ran out of grace does not hold every member's apply
+    thread for longer than an election timeout; the rest expire in later ticks.
     """
 
     op: ClassVar[str] = "tick"
-    types: ClassVar[tuple[Any, ...]] = (float, float, float, float)
+    types: ClassVar[tuple[Any, ...]] = (float, float, float, float, int)
     now: float
     elapsed: float
     grace: float
     node_timeout: float
+    max_expiries: int = 0
 
 
 @dataclass(slots=True)
@@ -422,9 +427,10 @@ def wire_items(items: Iterable[tuple[int, Command]]) -> tuple[list[list[Any]], b
     return out, exact
 
 
-LEGACY_ARITY = {"resume": 7}
-"""Ops whose older wire form had fewer fields (the new trailing ones default to 0):
-a log written before ``Resume.attempt`` existed still replays the same way."""
+LEGACY_ARITY = {"resume": 7, "tick": 4}
+"""Ops whose older wire form had one field fewer (the new trailing one defaults to
+0): a log written before ``Resume.attempt`` or ``Tick.max_expiries`` existed
+still replays the same way."""
 
 
 def _from_wire_checked(item: Any) -> Command:

@@ -23,6 +23,7 @@ import hmac
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
+from operator import itemgetter
 from typing import Any
 
 import cbor2
@@ -52,11 +53,15 @@ from .commands import (
     Unsubscribe,
 )
 
-SNAPSHOT_VERSION = 4
-READABLE_SNAPSHOTS = (2, 3, 4)  # v2 sessions have no resume attempt (read as 0); v2 and
-# v3 have no batch sequence numbers (read as none applied)
+SNAPSHOT_VERSION = 5
+READABLE_SNAPSHOTS = (2, 3, 4, 5)  # v2 sessions have no resume attempt (read as 0); v2
+# and v3 have no batch sequence numbers (read as none applied); v2-v4 have no
+# expiry queue (read as empty)
 RANK = {"online": 3, "busy": 2, "away": 1}
 """Which session's status a user shows when several sessions differ."""
+
+_first = itemgetter(0)
+_second = itemgetter(1)
 
 MAX_TICK_STEP = 5.0
 """The table's clock advances at most this much per tick, whatever a leader says."""
@@ -226,6 +231,7 @@ class TableStats:
     resumed: int = 0
     logins: int = 0
     presence_updates: int = 0
+    expiring: int = 0  # past their grace, queued by a bounded tick (some maybe resumed)
     clock: float = 0.0
 
 
@@ -242,7 +248,11 @@ class SessionTable:
         self.users: dict[str, User] = {}
         self.nodes: dict[str, NodeInfo] = {}
         self.by_node: dict[str, set[str]] = {}
-        self.orphans: dict[str, None] = {}  # ordered by orphaned_at
+        # Detached sessions -> their orphaned_at, in order of orphaned_at.
+        self.orphans: dict[str, float] = {}
+        # Sessions whose grace ran out, oldest first in canonical order, left for
+        # later ticks by a tick bounded by ``max_expiries`` (stale ones skipped).
+        self.expiring: list[str] = []
         self.joined: set[str] = set()  # nodes added by an operator (admin add)
         self.user_limits = UserLimits()
         # proposer -> {incarnation: the last ordered batch applied}, in first-seen order
@@ -338,7 +348,7 @@ class SessionTable:
         nodes = [[n, i.inc, i.seen, i.beat, i.down, i.retired]
                  for n, i in sorted(self.nodes.items())]
         orphans = sorted(
-            self.orphans, key=lambda sid: (self.sessions[sid].orphaned_at or 0.0, sid)
+            self.orphans, key=lambda sid: (self.orphans[sid], sid)
         )
         state = {
             "v": SNAPSHOT_VERSION,
@@ -349,6 +359,7 @@ class SessionTable:
             "users": users,
             "nodes": nodes,
             "orphans": orphans,
+            "expiring": self.expiring,
             "joined": sorted(self.joined),
             "batches": [[o, [[i, n] for i, n in seqs.items()]]
                         for o, seqs in sorted(self.batch_seqs.items())],
@@ -392,7 +403,12 @@ class SessionTable:
             self.by_node.setdefault(node, set()).add(sid)
         self.nodes = {n: NodeInfo(inc, seen, beat, down, list(retired))
                       for n, inc, seen, beat, down, retired in state["nodes"]}
-        self.orphans = dict.fromkeys(state["orphans"])
+        self.orphans = {}
+        for sid in state["orphans"]:
+            at = self.sessions[sid].orphaned_at
+            assert at is not None, "an orphan without an orphaned_at"
+            self.orphans[sid] = at
+        self.expiring = list(state.get("expiring", []))
         self.joined = set(state["joined"])
         self.batch_seqs = {o: {i: n for i, n in seqs} for o, seqs in state.get("batches", [])}
         self.user_limits = UserLimits(*state["user_limits"])
@@ -411,6 +427,7 @@ class SessionTable:
         self.stats.orphaned = len(self.orphans)
         self.stats.attached = self.stats.sessions - self.stats.orphaned
         self.stats.users = len(self.users)
+        self.stats.expiring = len(self.expiring)
         self.stats.clock = self.clock
         return self.stats
 
@@ -577,7 +594,7 @@ class SessionTable:
         s.orphaned_at = self.clock
         s.orphan_reason = reason
         self.orphans.pop(s.id, None)
-        self.orphans[s.id] = None
+        self.orphans[s.id] = self.clock
 
     def _attach(self, s: Session) -> None:
         s.attached = True
@@ -873,21 +890,49 @@ class SessionTable:
                     s = self.sessions[sid]
                     if s.inc == info.inc and s.attached:
                         self._orphan(s, "node")
-        due: list[Session] = []
-        for sid in self.orphans:  # ordered by orphaned_at
-            s = self.sessions[sid]
-            assert s.orphaned_at is not None
-            if self.clock - s.orphaned_at < c.grace:
-                break
-            due.append(s)
-        # Expire in a canonical order: a restored replica's orphans are ordered by
-        # (orphaned_at, id), not by insertion, and the order changes the state.
-        due.sort(key=lambda s: (s.orphaned_at or 0.0, s.id))
-        for s in due:
-            self._remove_session(s, self.wall, "expired", effects)
-        expired = len(due)
+        room = c.max_expiries if c.max_expiries > 0 else len(self.sessions)
+        expired = self._expire_queued(c.grace, room, effects)
+        if not self.expiring and expired < room:
+            expired += self._expire_due(c.grace, room - expired, effects)
         self.stats.expired += expired
         return Result(True, {"expired": expired}), effects
+
+    def _expire_queued(self, grace: float, room: int, effects: list[Effect]) -> int:
+        """Expire up to ``room`` sessions from the queue an earlier bounded tick
+        left, skipping those resumed since (or orphaned again, not yet due)."""
+        queue = self.expiring
+        taken = done = 0
+        while taken < len(queue) and done < room:
+            s = self.sessions.get(queue[taken])
+            taken += 1
+            if (s is not None and s.orphaned_at is not None
+                    and self.clock - s.orphaned_at >= grace):
+                self._remove_session(s, self.wall, "expired", effects)
+                done += 1
+        del queue[:taken]
+        return done
+
+    def _expire_due(self, grace: float, room: int, effects: list[Effect]) -> int:
+        """Expire the ``room`` oldest orphans past their grace, in canonical order;
+        queue the rest of the due ones (all ties of the last taken included) for
+        later ticks in that order, so that no later tick has to sort them."""
+        due: list[tuple[str, float]] = []
+        for item in self.orphans.items():  # ordered by orphaned_at
+            if self.clock - item[1] < grace:
+                break
+            if len(due) >= room and item[1] != due[-1][1]:
+                break
+            due.append(item)
+        # Canonical order, (orphaned_at, id): a restored replica's orphans are
+        # ordered so, a live one's by insertion, and the order changes the state.
+        due.sort(key=_first)
+        due.sort(key=_second)
+        if len(due) > room:
+            self.expiring = [sid for sid, _ in due[room:]]
+            del due[room:]
+        for sid, _ in due:
+            self._remove_session(self.sessions[sid], self.wall, "expired", effects)
+        return len(due)
 
     def _configure(self, c: Configure) -> tuple[Result, list[Effect]]:
         values = (c.sessions_per_user, c.allow_list, c.subscriptions, c.mailbox)

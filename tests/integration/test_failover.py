@@ -149,6 +149,47 @@ async def test_dead_node_sessions_are_orphaned_then_expire(
             assert took <= 6.0, took
 
 
+async def test_a_dead_node_sessions_expire_a_bounded_number_per_tick(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """With ``--expiries-per-tick 2`` the six sessions of a dead node expire two per
+    tick of the leader's clock (ticks 0.5 s apart), not all in one: their watcher
+    sees them go offline over at least two tick intervals."""
+    c = make_cluster(node_args=["--grace", "1", "--node-timeout", "2",
+                                "--expiries-per-tick", "2"])
+    leader = c.leader()
+    victim = next(s for s in c.specs if s.id != leader)
+    watcher_node = next(s for s in c.specs if s.id not in (leader, victim.id))
+    users = [f"exp{i}" for i in range(6)]
+    with trio.fail_after(60):
+        async with client.connect([watcher_node.client], user="bob",
+                                  token=c.token("bob")) as bob:
+            raws = []
+            for user in users:
+                async with client.connect([victim.client], user=user,
+                                          token=c.token(user)) as other:
+                    await other.allow("bob")
+                raws.append(await trio.to_thread.run_sync(_raw_login, victim.client, user,
+                                                          c.token(user)))
+                await bob.subscribe(user)
+            online: set[str] = set()
+            while online != set(users):
+                ev = await bob.next_event(10)
+                if isinstance(ev, PresenceEvent) and ev.status == "online":
+                    online.add(ev.user)
+            await trio.to_thread.run_sync(c.kill, victim.id)
+            offline: dict[str, float] = {}
+            async for ev in bob.events():
+                if isinstance(ev, PresenceEvent) and ev.status == "offline":
+                    offline[ev.user] = time.monotonic()
+                    if len(offline) == len(users):
+                        break
+            for raw in raws:
+                raw.close()
+    assert set(offline) == set(users)
+    spread = max(offline.values()) - min(offline.values())
+    assert spread >= 0.8, f"all six expired within {spread:.3f} s: one tick"
+
+
 async def test_a_node_without_a_majority_fences_and_clients_move(
         make_cluster: Callable[..., Cluster]) -> None:
     """When the other two nodes stop (SIGSTOP), the remaining node cannot commit: it

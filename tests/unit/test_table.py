@@ -758,6 +758,87 @@ def test_expiry_order_does_not_depend_on_detach_order() -> None:
         assert t.statistics().presence_updates == r.statistics().presence_updates
 
 
+def _orphaned_together(order: list[str]) -> SessionTable:
+    """Sessions of ``order`` (users u0.., local) detached in that order at one instant."""
+    t = SessionTable(local=LOCAL)
+    for i, sid in enumerate(sorted(order)):
+        login(t, sid, f"u{i}")
+    for sid in order:
+        on(t, Detach, sid)
+    return t
+
+
+def test_a_bounded_tick_expires_the_oldest_and_queues_their_ties() -> None:
+    """``max_expiries`` bounds one tick's expiries: the oldest by (orphaned_at, id)
+    go first, the ties of the last one wait in a queue that later ticks drain
+    first (skipping a session resumed meanwhile), then orphans are scanned again."""
+    t = _orphaned_together(["s3", "s1", "s4", "s0", "s2"])
+    tick(t, 2.0)
+    login(t, "s5", "u5")
+    on(t, Detach, "s5")  # orphaned 2 s after the others
+    result, effects = t.apply(Tick(100.0, 2.5, 4.0, 1000.0, 2))
+    assert result == Result(True, {"expired": 2})
+    assert [(e.session, e.reason) for e in effects if isinstance(e, SessionClosed)] == [
+        ("s0", "expired"), ("s1", "expired")]
+    assert sorted(t.sessions) == ["s2", "s3", "s4", "s5"]
+    assert t.expiring == ["s2", "s3", "s4"]
+    assert t.apply(Resume("s3", H, "n1", 1, 0, "c", 4.0))[0].ok
+    assert t.apply(Tick(100.0, 0.5, 4.0, 1000.0, 2))[0] == Result(True, {"expired": 2})
+    assert sorted(t.sessions) == ["s3", "s5"] and t.expiring == []
+    assert t.apply(Tick(100.0, 0.5, 4.0, 1000.0, 2))[0] == Result(True, {"expired": 0})
+    assert t.apply(Tick(100.0, 1.0, 4.0, 1000.0, 2))[0] == Result(True, {"expired": 1})
+    assert sorted(t.sessions) == ["s3"] and t.statistics().expired == 5
+
+
+def test_a_legacy_tick_expires_every_due_session_and_drains_the_queue() -> None:
+    """A tick from a log written before ``max_expiries`` (four fields on the wire)
+    decodes with no bound: everything due expires, queued or not."""
+    legacy = from_wire(["tick", 100.0, 0.5, 4.0, 1000.0])
+    assert legacy == Tick(100.0, 0.5, 4.0, 1000.0, 0)
+    t = _orphaned_together(["s2", "s0", "s1", "s3"])
+    assert t.apply(Tick(100.0, 5.0, 4.0, 1000.0, 1))[0].value == {"expired": 1}
+    assert t.expiring == ["s1", "s2", "s3"]
+    assert t.apply(legacy)[0].value == {"expired": 3}
+    assert t.sessions == {} and t.expiring == [] and t.statistics().orphaned == 0
+
+
+def test_bounded_expiry_is_the_same_on_live_and_restored_replicas() -> None:
+    """Orphans detached in different orders (a live replica keeps insertion order, a
+    restored one is sorted) expire in the same order, and a replica restored while
+    the queue is not empty goes on exactly as the original."""
+    detach_orders = (["s4", "s1", "s3", "s0", "s2"], ["s0", "s1", "s2", "s3", "s4"])
+    live = [_orphaned_together(order) for order in detach_orders]
+    restored = SessionTable(local=LOCAL)
+    restored.restore(live[0].snapshot())
+    replicas = [*live, restored]
+    first = Tick(100.0, 5.0, 4.0, 1000.0, 2)
+    assert {r.apply(first)[0].value["expired"] for r in replicas} == {2}
+    assert {r.digest() for r in replicas} == {live[0].digest()}
+    midway = SessionTable(local=LOCAL)
+    midway.restore(live[1].snapshot())
+    assert midway.expiring == ["s2", "s3", "s4"]
+    replicas.append(midway)
+    for _ in range(2):
+        results = [r.apply(Tick(100.0, 0.5, 4.0, 1000.0, 2)) for r in replicas]
+        assert all(out == results[0] for out in results)
+        assert results[0][1], "the sessions are local: their closes are effects"
+        assert len({r.digest() for r in replicas}) == 1
+    assert all(r.sessions == {} for r in replicas)
+
+
+def test_snapshots_keep_the_expiry_queue_and_read_v4(t: SessionTable) -> None:
+    """The queue is in snapshots (v5); a v4 snapshot, which has none, reads as empty."""
+    t = _orphaned_together(["s0", "s1", "s2"])
+    t.apply(Tick(100.0, 5.0, 4.0, 1000.0, 1))
+    state = cbor2.loads(t.snapshot())
+    assert state["v"] == 5 and state["expiring"] == ["s1", "s2"]
+    del state["expiring"]
+    state["v"] = 4
+    old = SessionTable()
+    old.restore(cbor2.dumps(state))
+    assert old.expiring == [] and sorted(old.orphans) == ["s1", "s2"]
+
+
 # --- node liveness ---------------------------------------------------------------------
 
 

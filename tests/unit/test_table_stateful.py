@@ -129,6 +129,7 @@ class TableMachine(RuleBasedStateMachine):
         self.wall = 0.0
         self.sent = self.acked = self.logins = self.resumed = self.expired = 0
         self.claims = 0
+        self.queue: list[str] = []  # sessions due to expire, left by a bounded tick
         for node in ("n1", "n2"):  # n3 is unknown until it speaks
             self.heartbeat(node, 1, 0)
 
@@ -630,10 +631,13 @@ class TableMachine(RuleBasedStateMachine):
 
     @rule(elapsed=st.sampled_from([5.0, 2.5, 60.0, 1.0, 0.0, -1.0]),
           grace=st.sampled_from([2.0, 6.0, 15.0]), node_timeout=st.sampled_from([3.0, 8.0]),
-          now=st.floats(0.0, 100.0))
-    def tick(self, elapsed: float, grace: float, node_timeout: float, now: float) -> None:
-        """The leader's clock: silent nodes' sessions are orphaned, old orphans expire."""
-        result, effects = self.apply(Tick(now, elapsed, grace, node_timeout))
+          now=st.floats(0.0, 100.0), max_expiries=st.sampled_from([0, 0, 1, 2]))
+    def tick(self, elapsed: float, grace: float, node_timeout: float, now: float,
+             max_expiries: int) -> None:
+        """The leader's clock: silent nodes' sessions are orphaned, old orphans expire
+        (at most ``max_expiries``, oldest first by (orphaned_at, id); the ties of the
+        last one wait in a queue that the next ticks drain first)."""
+        result, effects = self.apply(Tick(now, elapsed, grace, node_timeout, max_expiries))
         self.clock += min(elapsed if elapsed > 0 else 0.0, MAX_TICK_STEP)
         self.wall = max(self.wall, now)
         for name in sorted(self.nodes):
@@ -643,8 +647,27 @@ class TableMachine(RuleBasedStateMachine):
                 for s in self.sessions.values():
                     if s.node == name and s.inc == info.inc and s.attached:
                         self.orphan(s, "node")
-        due = sorted(sid for sid, s in self.sessions.items() if not s.attached
-                     and s.orphaned_at is not None and self.clock - s.orphaned_at >= grace)
+
+        def is_due(s: MSession) -> bool:
+            return (not s.attached and s.orphaned_at is not None
+                    and self.clock - s.orphaned_at >= grace)
+
+        room = max_expiries if max_expiries > 0 else len(self.sessions)
+        due: list[str] = []
+        taken = 0
+        while taken < len(self.queue) and len(due) < room:
+            sid = self.queue[taken]
+            taken += 1
+            if sid in self.sessions and is_due(self.sessions[sid]):
+                due.append(sid)
+        del self.queue[:taken]
+        if not self.queue and len(due) < room:
+            left = room - len(due)
+            oldest = sorted((s.orphaned_at, sid) for sid, s in self.sessions.items()
+                            if is_due(s) and sid not in due)
+            if len(oldest) > left:
+                self.queue = [sid for at, sid in oldest[left:] if at == oldest[left - 1][0]]
+            due += [sid for _, sid in oldest[:left]]
         assert result == Result(True, {"expired": len(due)})
         pre = {sid: (self.sessions[sid].node, self.sessions[sid].inc) for sid in due}
         for sid in due:
@@ -711,6 +734,7 @@ class TableMachine(RuleBasedStateMachine):
         st_ = t.statistics()
         assert st_.orphaned == sum(not m.attached for m in self.sessions.values())
         assert set(t.orphans) == {sid for sid, m in self.sessions.items() if not m.attached}
+        assert t.expiring == self.queue
         assert (st_.logins, st_.resumed, st_.expired) == (self.logins, self.resumed,
                                                           self.expired)
         for loc, r in zip(LOCALS, self.replicas, strict=True):
