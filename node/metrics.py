@@ -66,8 +66,6 @@ class _NodeCollector(Collector):
         yield gauge("sessions_orphaned", "Sessions waiting for a resume (cluster)", ts.orphaned)
         yield counter("session_expiries", "Sessions expired after the grace window (cluster)",
                       ts.expired)
-        yield gauge("sessions_expiring", "Sessions past the grace window that the next ticks "
-                    "will expire, a bounded number per tick (cluster)", ts.expiring)
         yield counter("presence_updates", "Presence changes committed (cluster)",
                       ts.presence_updates)
         yield counter("presence_events", "Presence events pushed to local clients",

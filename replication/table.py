@@ -231,7 +231,6 @@ class TableStats:
     resumed: int = 0
     logins: int = 0
     presence_updates: int = 0
-    expiring: int = 0  # past their grace, queued by a bounded tick (some maybe resumed)
     clock: float = 0.0
 
 
@@ -427,7 +426,6 @@ class SessionTable:
         self.stats.orphaned = len(self.orphans)
         self.stats.attached = self.stats.sessions - self.stats.orphaned
         self.stats.users = len(self.users)
-        self.stats.expiring = len(self.expiring)
         self.stats.clock = self.clock
         return self.stats
 
