@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--batches-in-flight", type=int, default=4,
                     help="group-commit batches this node keeps proposed and not yet "
                     "applied (1-16, default 4)")
-    nd.add_argument("--expiries-per-tick", type=int, default=10_000,
-                    help="sessions one clock tick may expire, the rest in the next ones "
-                    "(1-1000000, default 10000)")
+    nd.add_argument("--sessions-per-tick", type=int, default=5000,
+                    help="sessions one clock tick may expire, and may orphan or re-attach "
+                    "for their node's silence, the rest in the next ticks (1-1000000, "
+                    "default 5000)")
     nd.add_argument("--compaction-entries", type=int, default=20_000,
                     help="snapshot the table after this many log entries (default 20000)")
     nd.add_argument("--log-format", choices=["kv", "json"], default="kv")
@@ -255,8 +256,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             raise ConfigError("--workers must be between 0 and 64")
         if not 1 <= args.batches_in_flight <= 16:
             raise ConfigError("--batches-in-flight must be between 1 and 16")
-        if not 1 <= args.expiries_per_tick <= 1_000_000:
-            raise ConfigError("--expiries-per-tick must be between 1 and 1000000")
+        if not 1 <= args.sessions_per_tick <= 1_000_000:
+            raise ConfigError("--sessions-per-tick must be between 1 and 1000000")
         max_connections = (args.max_connections if args.max_connections is not None
                            else 19_000 * max(1, workers))
     except (ConfigError, SecretError) as e:
@@ -274,7 +275,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         frame_burst=max(1, int(args.frame_rate * 2)), failed_logins=args.failed_logins,
         max_connections=max_connections, login_deadline=args.login_deadline,
         max_frame=args.max_frame, workers=workers, batches_in_flight=args.batches_in_flight,
-        expiries_per_tick=args.expiries_per_tick,
+        sessions_per_tick=args.sessions_per_tick,
     )
     logs.configure(args.id, args.log_format, getattr(logging, args.log_level.upper()))
 

@@ -47,9 +47,10 @@ class NodeConfig:
     node_timeout: float = 2.0  # a node silent this long has its sessions orphaned
     heartbeat_interval: float = 0.5  # node -> log liveness
     tick_interval: float = 0.5  # leader -> log clock
-    # Sessions one tick may expire: every member applies a tick on its Raft thread,
-    # and expiring 200,000 sessions at once held it for about a second.
-    expiries_per_tick: int = 10_000
+    # Sessions one tick may expire, and may orphan or re-attach for their node's
+    # silence: every member applies a tick on its Raft thread, and doing either to
+    # the 200,000 sessions of a node at once held it for seconds (elections).
+    sessions_per_tick: int = 5000
     fence_after: float = 2.0  # no commit for this long: stop serving clients
     client_heartbeat: float = 10.0  # clients ping at least this often
     login_deadline: float = 5.0  # a connection must log in within this

@@ -607,7 +607,7 @@ class Core:
             last = now
             in_flight = True
             self.submit(Tick(wall(), elapsed, self.config.grace, self.config.node_timeout,
-                             self.config.expiries_per_tick),
+                             self.config.sessions_per_tick),
                         done, timeout=2 * interval + 1.0, keep=False)
 
     async def leave(self, timeout: float = 1.0) -> None:

@@ -243,10 +243,11 @@ class Tick(Command):
     ``now`` is the leader's wall clock, used only for last-seen times.
 
     The timeouts ride in the command so that the leader alone decides them, and so
-    does ``max_expiries``: at most that many sessions expire in this tick (0: no
-    bound, as in logs written before the field existed), so that one tick after a
-    big node's sessions ran out of grace does not hold every member's apply
-    thread for longer than an election timeout; the rest expire in later ticks.
+    does ``max_sessions``: at most that many sessions expire in this tick, and at
+    most that many are orphaned or re-attached because their node fell silent or
+    spoke again (0: no bound, as in logs written before the field existed). One
+    tick must not hold every member's apply thread longer than an election
+    timeout, as the 200,000 sessions of one node did; later ticks do the rest.
     """
 
     op: ClassVar[str] = "tick"
@@ -255,7 +256,7 @@ class Tick(Command):
     elapsed: float
     grace: float
     node_timeout: float
-    max_expiries: int = 0
+    max_sessions: int = 0
 
 
 @dataclass(slots=True)
@@ -429,7 +430,7 @@ def wire_items(items: Iterable[tuple[int, Command]]) -> tuple[list[list[Any]], b
 
 LEGACY_ARITY = {"resume": 7, "tick": 4}
 """Ops whose older wire form had one field fewer (the new trailing one defaults to
-0): a log written before ``Resume.attempt`` or ``Tick.max_expiries`` existed
+0): a log written before ``Resume.attempt`` or ``Tick.max_sessions`` existed
 still replays the same way."""
 
 

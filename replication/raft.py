@@ -943,18 +943,24 @@ class _TableConsumer(SyncObjConsumer):
 
     @replicated
     def apply_batch(self, blob: bytes) -> None:
+        t0 = time.monotonic()
         index = self._index_of()
         self._apply(index, blob)
         self._entry_applied(index)
+        if time.monotonic() - t0 >= SLOW_APPLY:
+            _record_hold(t0, "apply")
 
     @replicated
     def apply_batches(self, blobs: list[bytes]) -> None:
         """Several nodes' batches merged into one entry by the leader (``_SyncObj``),
         applied in the order they reached it."""
+        t0 = time.monotonic()
         index = self._index_of()
         for blob in blobs:
             self._apply(index, blob)
         self._entry_applied(index)
+        if time.monotonic() - t0 >= SLOW_APPLY:
+            _record_hold(t0, "apply")
 
 
 class _AppendEntriesSends:
@@ -977,9 +983,13 @@ class _CompactionStarts:
 
 
 _events: deque[tuple[float, str, float]] = deque(maxlen=1024)
-"""This process's latest holds of a tick thread by compaction or a slow fsync:
-(time.monotonic() at the start, "fork" / "cut" / "cut-finish" / "fsync",
-seconds), to set beside latency spikes."""
+"""This process's latest holds of a tick thread by compaction, a slow fsync or
+a slow apply: (time.monotonic() at the start, "fork" / "cut" / "cut-finish" /
+"fsync" / "apply", seconds), to set beside latency spikes."""
+
+SLOW_APPLY = 0.02
+"""An entry whose application holds the tick thread this long (seconds) or more
+is noted in ``_events`` as an "apply" hold."""
 
 
 def _record_hold(t0: float, kind: str) -> float:
@@ -1651,7 +1661,7 @@ class ReplicatedLog:
     @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:
         """This process's latest holds of the tick thread, by compaction or a slow
-        fsync: (time.monotonic() at the start, "fork" / "cut" / "cut-finish" /
+        fsync or apply: (time.monotonic() at the start, "fork" / "cut" / "cut-finish" /
         "fsync", seconds)."""
         return list(_events)
 

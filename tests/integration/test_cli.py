@@ -72,8 +72,8 @@ def test_unusable_addresses_are_one_line_errors(tmp_path: Path) -> None:
                               "--batches-in-flight", "0", *common))
     assert "--batches-in-flight must be between 1 and 16" in line
     line = one_line_error(run("node", "--listen", "127.0.0.1:0", "--raft", "127.0.0.1:0",
-                              "--expiries-per-tick", "0", *common))
-    assert "--expiries-per-tick must be between 1 and 1000000" in line
+                              "--sessions-per-tick", "0", *common))
+    assert "--sessions-per-tick must be between 1 and 1000000" in line
 
 
 def test_admin_status_unreachable_is_one_line(tmp_path: Path) -> None:

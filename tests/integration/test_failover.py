@@ -151,11 +151,11 @@ async def test_dead_node_sessions_are_orphaned_then_expire(
 
 async def test_a_dead_node_sessions_expire_a_bounded_number_per_tick(
         make_cluster: Callable[..., Cluster]) -> None:
-    """With ``--expiries-per-tick 2`` the six sessions of a dead node expire two per
+    """With ``--sessions-per-tick 2`` the six sessions of a dead node expire two per
     tick of the leader's clock (ticks 0.5 s apart), not all in one: their watcher
     sees them go offline over at least two tick intervals."""
     c = make_cluster(node_args=["--grace", "1", "--node-timeout", "2",
-                                "--expiries-per-tick", "2"])
+                                "--sessions-per-tick", "2"])
     leader = c.leader()
     victim = next(s for s in c.specs if s.id != leader)
     watcher_node = next(s for s in c.specs if s.id not in (leader, victim.id))

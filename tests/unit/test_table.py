@@ -35,6 +35,7 @@ from replication.commands import (
 )
 from replication.table import (
     MAX_TICK_STEP,
+    NODE_PARTS,
     RECENT_SENDS,
     RECENT_SENDS_MAX,
     Deliver,
@@ -769,7 +770,7 @@ def _orphaned_together(order: list[str]) -> SessionTable:
 
 
 def test_a_bounded_tick_expires_the_oldest_and_queues_their_ties() -> None:
-    """``max_expiries`` bounds one tick's expiries: the oldest by (orphaned_at, id)
+    """``max_sessions`` bounds one tick's expiries: the oldest by (orphaned_at, id)
     go first, the ties of the last one wait in a queue that later ticks drain
     first (skipping a session resumed meanwhile), then orphans are scanned again."""
     t = _orphaned_together(["s3", "s1", "s4", "s0", "s2"])
@@ -791,7 +792,7 @@ def test_a_bounded_tick_expires_the_oldest_and_queues_their_ties() -> None:
 
 
 def test_a_legacy_tick_expires_every_due_session_and_drains_the_queue() -> None:
-    """A tick from a log written before ``max_expiries`` (four fields on the wire)
+    """A tick from a log written before ``max_sessions`` (four fields on the wire)
     decodes with no bound: everything due expires, queued or not."""
     legacy = from_wire(["tick", 100.0, 0.5, 4.0, 1000.0])
     assert legacy == Tick(100.0, 0.5, 4.0, 1000.0, 0)
@@ -826,17 +827,110 @@ def test_bounded_expiry_is_the_same_on_live_and_restored_replicas() -> None:
     assert all(r.sessions == {} for r in replicas)
 
 
+def _node_with_sessions(n: int) -> SessionTable:
+    """n2 (incarnation 1), the only node the table knows, holds sessions s0..s{n-1}."""
+    t = SessionTable(local=LOCAL)
+    t.apply(Heartbeat("n2", 1, 1))
+    for i in range(n):
+        login(t, f"s{i}", f"u{i}", node="n2")
+    return t
+
+
+def _bounded_tick(t: SessionTable, elapsed: float, bound: int = 2, grace: float = 4.0) -> int:
+    result = t.apply(Tick(100.0, elapsed, grace, 3.0, bound))[0]
+    assert result.ok
+    return int(result.value["expired"])
+
+
+def _orphaned(t: SessionTable) -> list[str]:
+    return sorted(sid for sid, s in t.sessions.items() if not s.attached)
+
+
+def test_a_bounded_tick_orphans_a_silent_node_sessions_a_few_at_a_time() -> None:
+    """The tick that finds a node silent queues the node's NODE_PARTS parts (by the
+    CRC-32 of the id: s2 in part 10, s3 28, s0 38, s1 48, s4 63) and takes whole
+    parts until ``max_sessions`` sessions changed; the next ticks go on. When the
+    node speaks again, its orphaned sessions are re-attached the same way, and
+    those still queued to be orphaned are left alone."""
+    t = _node_with_sessions(5)
+    _bounded_tick(t, 4.0)  # n2 silent for 4 s > 3
+    assert t.nodes["n2"].down and _orphaned(t) == ["s2", "s3"]
+    assert t.node_sync == [("n2", part) for part in range(29, NODE_PARTS)]
+    _bounded_tick(t, 0.5)
+    assert _orphaned(t) == ["s0", "s1", "s2", "s3"]
+    assert {t.sessions[sid].orphan_reason for sid in _orphaned(t)} == {"node"}
+    assert t.apply(Heartbeat("n2", 1, 2))[0].ok  # before s4's turn: it stays attached
+    assert not t.nodes["n2"].down and _orphaned(t) == ["s0", "s1", "s2", "s3"]
+    assert len(t.node_sync) == (NODE_PARTS - 49) + NODE_PARTS
+    _bounded_tick(t, 0.5)  # s4 needs nothing; s2 and s3 are re-attached
+    assert _orphaned(t) == ["s0", "s1"]
+    _bounded_tick(t, 0.5)
+    assert _orphaned(t) == [] and t.node_sync == [("n2", p) for p in range(49, NODE_PARTS)]
+    _bounded_tick(t, 0.5)
+    assert t.node_sync == [] and t.statistics().orphaned == 0
+
+
+def test_a_session_waiting_for_its_re_attach_does_not_expire() -> None:
+    """A node that speaks again just before its sessions' grace runs out: those whose
+    re-attach is still queued do not expire meanwhile."""
+    t = _node_with_sessions(8)  # one session per part
+    _bounded_tick(t, 4.0, bound=10)  # clock 4: all eight orphaned at once
+    assert len(_orphaned(t)) == 8 and t.node_sync == []
+    _bounded_tick(t, 0.5, bound=1)
+    assert t.apply(Heartbeat("n2", 1, 2))[0].ok  # re-attach queued
+    assert len(t.node_sync) == NODE_PARTS
+    assert _bounded_tick(t, 2.5, bound=1) == 0
+    t.apply(Heartbeat("n2", 1, 3))
+    assert _bounded_tick(t, 1.5, bound=1) == 0  # clock 8.5: six past their grace
+    assert len(_orphaned(t)) == 6 and t.statistics().expired == 0
+    for beat in range(4, 10):
+        t.apply(Heartbeat("n2", 1, beat))
+        assert _bounded_tick(t, 0.5, bound=1) == 0
+    assert _orphaned(t) == [] and len(t.sessions) == 8
+
+
+def test_node_sync_is_the_same_on_live_and_restored_replicas() -> None:
+    """A replica restored while sessions wait to be orphaned goes on exactly as the
+    original; the queue is in snapshots."""
+    t = _node_with_sessions(5)
+    _bounded_tick(t, 4.0)
+    copy = SessionTable(local=LOCAL)
+    copy.restore(t.snapshot())
+    assert copy.node_sync == t.node_sync != [] and copy.digest() == t.digest()
+    for r in (t, copy):
+        _bounded_tick(r, 0.5)
+        r.apply(Heartbeat("n2", 1, 2))
+        _bounded_tick(r, 0.5)
+        assert _orphaned(r) == ["s0", "s1"]
+    assert copy.digest() == t.digest() and copy.node_sync == t.node_sync
+
+
+def test_unbounded_ticks_and_heartbeats_act_at_once_as_before() -> None:
+    """Without a bound (a log written before ``max_sessions``), a silent node's
+    sessions are all orphaned in the tick that finds it, and all re-attached by
+    its next heartbeat."""
+    t = _node_with_sessions(5)
+    t.apply(from_wire(["tick", 100.0, 4.0, 4.0, 3.0]))
+    assert len(_orphaned(t)) == 5 and t.node_sync == []
+    t.apply(Heartbeat("n2", 1, 2))
+    assert _orphaned(t) == [] and t.node_sync == []
+
+
 def test_snapshots_keep_the_expiry_queue_and_read_v4(t: SessionTable) -> None:
-    """The queue is in snapshots (v5); a v4 snapshot, which has none, reads as empty."""
+    """The queues and the tick bound are in snapshots (v5); a v4 snapshot, which has
+    none of them, reads as empty queues and no bound."""
     t = _orphaned_together(["s0", "s1", "s2"])
     t.apply(Tick(100.0, 5.0, 4.0, 1000.0, 1))
     state = cbor2.loads(t.snapshot())
     assert state["v"] == 5 and state["expiring"] == ["s1", "s2"]
-    del state["expiring"]
+    assert state["node_sync"] == [] and state["tick_bound"] == 1
+    for key in ("expiring", "node_sync", "tick_bound"):
+        del state[key]
     state["v"] = 4
     old = SessionTable()
     old.restore(cbor2.dumps(state))
     assert old.expiring == [] and sorted(old.orphans) == ["s1", "s2"]
+    assert old.node_sync == [] and old.tick_bound == 0
 
 
 # --- node liveness ---------------------------------------------------------------------

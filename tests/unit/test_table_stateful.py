@@ -9,6 +9,7 @@ digest; each one's effects must only target its own sessions.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ from replication.commands import (
 )
 from replication.table import (
     MAX_TICK_STEP,
+    NODE_PARTS,
     RANK,
     RETIRED_INCARNATIONS,
     Deliver,
@@ -130,6 +132,8 @@ class TableMachine(RuleBasedStateMachine):
         self.sent = self.acked = self.logins = self.resumed = self.expired = 0
         self.claims = 0
         self.queue: list[str] = []  # sessions due to expire, left by a bounded tick
+        self.sync: list[tuple[str, int]] = []  # parts of nodes that fell silent or spoke
+        self.tick_bound = 0  # the latest tick's max_sessions
         for node in ("n1", "n2"):  # n3 is unknown until it speaks
             self.heartbeat(node, 1, 0)
 
@@ -223,6 +227,33 @@ class TableMachine(RuleBasedStateMachine):
 
     def orphan(self, s: MSession, reason: str) -> None:
         s.attached, s.orphaned_at, s.reason = False, self.clock, reason
+
+    def sync_session(self, s: MSession) -> bool:
+        """Orphan a silent node's session, re-attach one only its silence orphaned."""
+        info = self.nodes.get(s.node)
+        if info is None or info.inc != s.inc:
+            return False
+        if info.down and s.attached:
+            self.orphan(s, "node")
+            return True
+        if not info.down and not s.attached and s.reason == "node":
+            s.attached, s.orphaned_at, s.reason = True, None, None
+            return True
+        return False
+
+    def sync_node(self, node: str) -> None:
+        """At once if ticks are unbounded, else its NODE_PARTS parts (by the CRC-32
+        of the id) are queued for the next ticks."""
+        if self.tick_bound > 0:
+            self.sync += [(node, part) for part in range(NODE_PARTS)]
+            return
+        for sid in sorted(sid for sid, s in self.sessions.items() if s.node == node):
+            self.sync_session(self.sessions[sid])
+
+    def awaits_reattach(self, s: MSession) -> bool:
+        info = self.nodes.get(s.node)
+        return (s.reason == "node" and info is not None and not info.down
+                and info.inc == s.inc)
 
     def remove(self, sid: str, now: float) -> None:
         s = self.sessions.pop(sid)
@@ -625,40 +656,52 @@ class TableMachine(RuleBasedStateMachine):
         info.seen = self.clock
         if info.down:
             info.down = False
-            for s in self.sessions.values():
-                if s.node == node and s.inc == inc and not s.attached and s.reason == "node":
-                    s.attached, s.orphaned_at, s.reason = True, None, None
+            self.sync_node(node)
 
     @rule(elapsed=st.sampled_from([5.0, 2.5, 60.0, 1.0, 0.0, -1.0]),
           grace=st.sampled_from([2.0, 6.0, 15.0]), node_timeout=st.sampled_from([3.0, 8.0]),
-          now=st.floats(0.0, 100.0), max_expiries=st.sampled_from([0, 0, 1, 2]))
+          now=st.floats(0.0, 100.0), max_sessions=st.sampled_from([0, 0, 1, 2]))
     def tick(self, elapsed: float, grace: float, node_timeout: float, now: float,
-             max_expiries: int) -> None:
+             max_sessions: int) -> None:
         """The leader's clock: silent nodes' sessions are orphaned, old orphans expire
-        (at most ``max_expiries``, oldest first by (orphaned_at, id); the ties of the
-        last one wait in a queue that the next ticks drain first)."""
-        result, effects = self.apply(Tick(now, elapsed, grace, node_timeout, max_expiries))
+        (bounded ticks: at most ``max_sessions`` orphaned or re-attached, from a
+        queue, and as many expired, oldest first by (orphaned_at, id), the ties of
+        the last one queued; a session whose re-attach is queued does not expire)."""
+        result, effects = self.apply(Tick(now, elapsed, grace, node_timeout, max_sessions))
         self.clock += min(elapsed if elapsed > 0 else 0.0, MAX_TICK_STEP)
         self.wall = max(self.wall, now)
+        self.tick_bound = max(max_sessions, 0)
         for name in sorted(self.nodes):
             info = self.nodes[name]
             if not info.down and self.clock - info.seen > node_timeout:
                 info.down = True
-                for s in self.sessions.values():
-                    if s.node == name and s.inc == info.inc and s.attached:
-                        self.orphan(s, "node")
+                self.sync_node(name)
+        if self.sync:
+            room = max_sessions if max_sessions > 0 else len(self.sessions) + 1
+            taken = done = looked = 0
+            while taken < len(self.sync) and done < room and looked < 4 * room:
+                node, index = self.sync[taken]
+                taken += 1
+                part = [sid for sid, s in self.sessions.items() if s.node == node
+                        and zlib.crc32(sid.encode()) % NODE_PARTS == index]
+                looked += len(part)
+                for sid in part:
+                    if self.sync_session(self.sessions[sid]):
+                        done += 1
+            del self.sync[:taken]
 
         def is_due(s: MSession) -> bool:
             return (not s.attached and s.orphaned_at is not None
                     and self.clock - s.orphaned_at >= grace)
 
-        room = max_expiries if max_expiries > 0 else len(self.sessions)
+        room = max_sessions if max_sessions > 0 else len(self.sessions) + len(self.queue)
         due: list[str] = []
         taken = 0
-        while taken < len(self.queue) and len(due) < room:
+        while taken < len(self.queue) and len(due) < room and taken < 4 * room:
             sid = self.queue[taken]
             taken += 1
-            if sid in self.sessions and is_due(self.sessions[sid]):
+            s = self.sessions.get(sid)
+            if s is not None and is_due(s) and not self.awaits_reattach(s):
                 due.append(sid)
         del self.queue[:taken]
         if not self.queue and len(due) < room:
@@ -667,7 +710,8 @@ class TableMachine(RuleBasedStateMachine):
                             if is_due(s) and sid not in due)
             if len(oldest) > left:
                 self.queue = [sid for at, sid in oldest[left:] if at == oldest[left - 1][0]]
-            due += [sid for _, sid in oldest[:left]]
+            due += [sid for _, sid in oldest[:left]
+                    if not self.awaits_reattach(self.sessions[sid])]
         assert result == Result(True, {"expired": len(due)})
         pre = {sid: (self.sessions[sid].node, self.sessions[sid].inc) for sid in due}
         for sid in due:
@@ -735,6 +779,7 @@ class TableMachine(RuleBasedStateMachine):
         assert st_.orphaned == sum(not m.attached for m in self.sessions.values())
         assert set(t.orphans) == {sid for sid, m in self.sessions.items() if not m.attached}
         assert t.expiring == self.queue
+        assert t.node_sync == self.sync
         assert (st_.logins, st_.resumed, st_.expired) == (self.logins, self.resumed,
                                                           self.expired)
         for loc, r in zip(LOCALS, self.replicas, strict=True):
