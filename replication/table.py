@@ -168,6 +168,7 @@ class NodeInfo:
     beat: int = 0
     down: bool = False
     retired: list[int] = field(default_factory=list)  # earlier incarnations, newest last
+    gone: bool = False  # down because it said so (NodeDown): its sessions orphan as "conn"
 
 
 RETIRED_INCARNATIONS = 16
@@ -367,7 +368,7 @@ class SessionTable:
             ]
             for u in sorted(self.users.values(), key=lambda u: u.name)
         ]
-        nodes = [[n, i.inc, i.seen, i.beat, i.down, i.retired]
+        nodes = [[n, i.inc, i.seen, i.beat, i.down, i.retired, i.gone]
                  for n, i in sorted(self.nodes.items())]
         orphans = sorted(
             self.orphans, key=lambda sid: (self.orphans[sid], sid)
@@ -426,8 +427,9 @@ class SessionTable:
             self.sessions[sid] = s
             self._user(user).sessions[sid] = None
             self._index_node(s)
-        self.nodes = {n: NodeInfo(inc, seen, beat, down, list(retired))
-                      for n, inc, seen, beat, down, retired in state["nodes"]}
+        self.nodes = {row[0]: NodeInfo(row[1], row[2], row[3], row[4], list(row[5]),
+                                       bool(row[6]) if len(row) > 6 else False)
+                      for row in state["nodes"]}
         self.orphans = {}
         for sid in state["orphans"]:
             at = self.sessions[sid].orphaned_at
@@ -879,6 +881,9 @@ class SessionTable:
             return OK, []
         retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:] if info else []
         self.nodes[c.node] = NodeInfo(c.inc, self.clock, retired=retired)
+        if self.tick_bound > 0:
+            self._sync_node(c.node)
+            return OK, []
         for sid in sorted(self.by_node.get(c.node, ())):
             s = self.sessions[sid]
             if s.inc != c.inc and s.attached:
@@ -889,7 +894,10 @@ class SessionTable:
         info = self.nodes.get(c.node)
         if info is None or info.inc != c.inc:
             return OK, []
-        info.down = True
+        info.down = info.gone = True
+        if self.tick_bound > 0:
+            self._sync_node(c.node)
+            return OK, []
         for sid in sorted(self.by_node.get(c.node, ())):
             s = self.sessions[sid]
             if s.inc == c.inc and s.attached:
@@ -906,34 +914,45 @@ class SessionTable:
         info.seen = self.clock
         info.beat = max(info.beat, c.beat)
         if info.down:
-            info.down = False
-            self._sync_node(c.node)
+            info.down = info.gone = False
+            if self.tick_bound > 0:
+                self._sync_node(c.node)
+                return OK, []
+            for sid in sorted(self.by_node.get(c.node, ())):
+                s = self.sessions[sid]
+                if s.inc == c.inc and not s.attached and s.orphan_reason == "node":
+                    self._attach(s)
         return OK, []
 
     def _sync_node(self, name: str) -> None:
-        """Node ``name`` fell silent or spoke again: bring its sessions in line
-        now, or, if the ticks are bounded, queue its parts for the next ticks,
-        without touching a session (in a node process, even sorting the 200,000
-        ids of a node held the apply thread for 1.6 s, its pages shared with a
-        compaction child). A part is the same set on every replica; the order in
-        which its sessions change changes nothing."""
-        if self.tick_bound > 0:
-            self.node_sync.extend((name, part) for part in range(NODE_PARTS))
-            return
-        for sid in sorted(self.by_node.get(name, ())):
-            self._sync_session(self.sessions[sid])
+        """Node ``name`` fell silent, spoke again, restarted or said it is going
+        (ticks bounded): queue its parts, for the next ticks to bring its sessions
+        in line (``_sync_session``), without touching a session here (in a node
+        process, even sorting the 200,000 ids of a node held the apply thread for
+        1.6 s, its pages shared with a compaction child). A part is the same set
+        on every replica; the order in which its sessions change changes nothing.
+        A part still queued is not queued again: its turn will see the node as it
+        is then (a flapping node does not grow the queue)."""
+        queued = set(self.node_sync)  # at most NODE_PARTS per node
+        self.node_sync.extend(item for item in ((name, part) for part in range(NODE_PARTS))
+                              if item not in queued)
 
     def _sync_session(self, s: Session) -> bool:
-        """Orphan ``s`` if its node (this incarnation) is silent, re-attach it if
-        only that silence orphaned it and the node speaks again; say if it changed."""
+        """Bring ``s`` in line with its node, as the unbounded NodeUp, NodeDown,
+        Tick and Heartbeat do at once: orphan it if it is attached to another
+        incarnation than the node's current one ("conn"), or to a node that is
+        down ("conn" if it said so, "node" if it fell silent); re-attach it if
+        only its node's silence orphaned it and the node speaks again. Say if it
+        changed."""
         info = self.nodes.get(s.node)
-        if info is None or info.inc != s.inc:
+        if info is None:
             return False
-        if info.down:
-            if s.attached:
-                self._orphan(s, "node")
-                return True
-        elif not s.attached and s.orphan_reason == "node":
+        if info.inc != s.inc or info.down:
+            if not s.attached:
+                return False
+            self._orphan(s, "node" if info.inc == s.inc and not info.gone else "conn")
+            return True
+        if not s.attached and s.orphan_reason == "node":
             self._attach(s)
             return True
         return False
@@ -957,7 +976,13 @@ class SessionTable:
             info = self.nodes[name]
             if not info.down and self.clock - info.seen > c.node_timeout:
                 info.down = True
-                self._sync_node(name)
+                if self.tick_bound > 0:
+                    self._sync_node(name)
+                    continue
+                for sid in sorted(self.by_node.get(name, ())):
+                    s = self.sessions[sid]
+                    if s.inc == info.inc and s.attached:
+                        self._orphan(s, "node")
         if self.node_sync:
             self._sync_queued(c.max_sessions if c.max_sessions > 0 else len(self.sessions) + 1)
         room = c.max_sessions if c.max_sessions > 0 else len(self.sessions) + len(self.expiring)
@@ -1041,7 +1066,7 @@ class SessionTable:
         self.joined.discard(c.node)
         info = self.nodes.get(c.node)
         if info is not None:
-            info.down = True
+            info.down = info.gone = True
         for sid in sorted(self.by_node.get(c.node, ())):
             s = self.sessions[sid]
             if s.attached:

@@ -861,13 +861,11 @@ def test_a_bounded_tick_orphans_a_silent_node_sessions_a_few_at_a_time() -> None
     assert {t.sessions[sid].orphan_reason for sid in _orphaned(t)} == {"node"}
     assert t.apply(Heartbeat("n2", 1, 2))[0].ok  # before s4's turn: it stays attached
     assert not t.nodes["n2"].down and _orphaned(t) == ["s0", "s1", "s2", "s3"]
-    assert len(t.node_sync) == (NODE_PARTS - 49) + NODE_PARTS
+    assert t.node_sync == [("n2", p) for p in [*range(49, NODE_PARTS), *range(49)]]
     _bounded_tick(t, 0.5)  # s4 needs nothing; s2 and s3 are re-attached
     assert _orphaned(t) == ["s0", "s1"]
     _bounded_tick(t, 0.5)
-    assert _orphaned(t) == [] and t.node_sync == [("n2", p) for p in range(49, NODE_PARTS)]
-    _bounded_tick(t, 0.5)
-    assert t.node_sync == [] and t.statistics().orphaned == 0
+    assert _orphaned(t) == [] and t.node_sync == [] and t.statistics().orphaned == 0
 
 
 def test_a_session_waiting_for_its_re_attach_does_not_expire() -> None:
@@ -905,6 +903,23 @@ def test_node_sync_is_the_same_on_live_and_restored_replicas() -> None:
     assert copy.digest() == t.digest() and copy.node_sync == t.node_sync
 
 
+def test_a_restart_and_a_shutdown_orphan_a_node_sessions_a_part_at_a_time() -> None:
+    """Once ticks are bounded, a node's new incarnation (NodeUp) and its clean
+    shutdown (NodeDown) queue its parts too: later ticks orphan its sessions, as
+    "conn" (no re-attach by a heartbeat), a few at a time."""
+    for event in (NodeUp("n2", 2), NodeDown("n2", 1)):
+        t = _node_with_sessions(5)
+        _bounded_tick(t, 0.5)  # the bound is known from now on
+        assert t.apply(event)[0].ok
+        assert _orphaned(t) == [] and len(t.node_sync) == NODE_PARTS
+        _bounded_tick(t, 0.5)
+        assert _orphaned(t) == ["s2", "s3"]
+        _bounded_tick(t, 0.5)
+        _bounded_tick(t, 0.5)
+        assert _orphaned(t) == ["s0", "s1", "s2", "s3", "s4"]
+        assert {s.orphan_reason for s in t.sessions.values()} == {"conn"}
+
+
 def test_unbounded_ticks_and_heartbeats_act_at_once_as_before() -> None:
     """Without a bound (a log written before ``max_sessions``), a silent node's
     sessions are all orphaned in the tick that finds it, and all re-attached by
@@ -914,6 +929,8 @@ def test_unbounded_ticks_and_heartbeats_act_at_once_as_before() -> None:
     assert len(_orphaned(t)) == 5 and t.node_sync == []
     t.apply(Heartbeat("n2", 1, 2))
     assert _orphaned(t) == [] and t.node_sync == []
+    t.apply(NodeDown("n2", 1))
+    assert len(_orphaned(t)) == 5 and t.node_sync == []
 
 
 def test_snapshots_keep_the_expiry_queue_and_read_v4(t: SessionTable) -> None:

@@ -90,6 +90,7 @@ class MNode:
     seen: float
     down: bool = False
     retired: list[int] = field(default_factory=list)
+    gone: bool = False
 
 
 def norm(effects: list[Effect]) -> list[Any]:
@@ -229,26 +230,27 @@ class TableMachine(RuleBasedStateMachine):
         s.attached, s.orphaned_at, s.reason = False, self.clock, reason
 
     def sync_session(self, s: MSession) -> bool:
-        """Orphan a silent node's session, re-attach one only its silence orphaned."""
+        """A queued session: orphaned if attached to another incarnation ("conn")
+        or to a down node ("conn" if it said so, else "node"); re-attached if only
+        its node's silence orphaned it and the node is up again."""
         info = self.nodes.get(s.node)
-        if info is None or info.inc != s.inc:
+        if info is None:
             return False
-        if info.down and s.attached:
-            self.orphan(s, "node")
+        if info.inc != s.inc or info.down:
+            if not s.attached:
+                return False
+            self.orphan(s, "node" if info.inc == s.inc and not info.gone else "conn")
             return True
-        if not info.down and not s.attached and s.reason == "node":
+        if not s.attached and s.reason == "node":
             s.attached, s.orphaned_at, s.reason = True, None, None
             return True
         return False
 
-    def sync_node(self, node: str) -> None:
-        """At once if ticks are unbounded, else its NODE_PARTS parts (by the CRC-32
-        of the id) are queued for the next ticks."""
-        if self.tick_bound > 0:
-            self.sync += [(node, part) for part in range(NODE_PARTS)]
-            return
-        for sid in sorted(sid for sid, s in self.sessions.items() if s.node == node):
-            self.sync_session(self.sessions[sid])
+    def queue_node(self, node: str) -> None:
+        """Bounded ticks: the node's NODE_PARTS parts (by the CRC-32 of the id) are
+        queued for the next ticks, but not those still queued."""
+        self.sync += [(node, part) for part in range(NODE_PARTS)
+                      if (node, part) not in self.sync]
 
     def awaits_reattach(self, s: MSession) -> bool:
         info = self.nodes.get(s.node)
@@ -581,6 +583,9 @@ class TableMachine(RuleBasedStateMachine):
             return
         retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:] if info else []
         self.nodes[node] = MNode(inc, self.clock, retired=retired)
+        if self.tick_bound > 0:
+            self.queue_node(node)
+            return
         for s in self.sessions.values():
             if s.node == node and s.inc != inc and s.attached:
                 self.orphan(s, "conn")
@@ -613,7 +618,7 @@ class TableMachine(RuleBasedStateMachine):
             return
         self.joined.discard(node)
         if node in self.nodes:
-            self.nodes[node].down = True
+            self.nodes[node].down = self.nodes[node].gone = True
         for s in self.sessions.values():
             if s.node == node and s.attached:
                 self.orphan(s, "conn")
@@ -633,7 +638,10 @@ class TableMachine(RuleBasedStateMachine):
         info = self.nodes.get(node)
         if info is None or info.inc != inc:
             return
-        info.down = True
+        info.down = info.gone = True
+        if self.tick_bound > 0:
+            self.queue_node(node)
+            return
         for s in self.sessions.values():
             if s.node == node and s.inc == inc and s.attached:
                 self.orphan(s, "conn")
@@ -655,8 +663,13 @@ class TableMachine(RuleBasedStateMachine):
         assert result == Result(True, {})
         info.seen = self.clock
         if info.down:
-            info.down = False
-            self.sync_node(node)
+            info.down = info.gone = False
+            if self.tick_bound > 0:
+                self.queue_node(node)
+                return
+            for s in self.sessions.values():
+                if s.node == node and s.inc == inc and not s.attached and s.reason == "node":
+                    s.attached, s.orphaned_at, s.reason = True, None, None
 
     @rule(elapsed=st.sampled_from([5.0, 2.5, 60.0, 1.0, 0.0, -1.0]),
           grace=st.sampled_from([2.0, 6.0, 15.0]), node_timeout=st.sampled_from([3.0, 8.0]),
@@ -675,7 +688,12 @@ class TableMachine(RuleBasedStateMachine):
             info = self.nodes[name]
             if not info.down and self.clock - info.seen > node_timeout:
                 info.down = True
-                self.sync_node(name)
+                if self.tick_bound > 0:
+                    self.queue_node(name)
+                    continue
+                for s in self.sessions.values():
+                    if s.node == name and s.inc == info.inc and s.attached:
+                        self.orphan(s, "node")
         if self.sync:
             room = max_sessions if max_sessions > 0 else len(self.sessions) + 1
             taken = done = looked = 0
