@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="group-commit batches this node keeps proposed and not yet "
                     "applied (1-16, default 4)")
     nd.add_argument("--sessions-per-tick", type=int, default=5000,
-                    help="sessions one clock tick may expire, and may orphan or re-attach "
-                    "for their node's silence, the rest in the next ticks (1-1000000, "
+                    help="sessions one clock tick may expire, and about as many it may "
+                    "orphan or re-attach when their node falls silent, speaks again, "
+                    "restarts or shuts down; the rest in the next ticks (1-1000000, "
                     "default 5000)")
     nd.add_argument("--compaction-entries", type=int, default=20_000,
                     help="snapshot the table after this many log entries (default 20000)")

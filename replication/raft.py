@@ -1661,8 +1661,8 @@ class ReplicatedLog:
     @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:
         """This process's latest holds of the tick thread, by compaction or a slow
-        fsync or apply: (time.monotonic() at the start, "fork" / "cut" / "cut-finish" /
-        "fsync", seconds)."""
+        fsync or apply: (time.monotonic() at the start, "fork" / "cut" /
+        "cut-finish" / "fsync" / "apply", seconds)."""
         return list(_events)
 
     @staticmethod

@@ -57,7 +57,7 @@ from .commands import (
 SNAPSHOT_VERSION = 5
 READABLE_SNAPSHOTS = (2, 3, 4, 5)  # v2 sessions have no resume attempt (read as 0); v2
 # and v3 have no batch sequence numbers (read as none applied); v2-v4 have no
-# expiry queue (read as empty)
+# expiry or node queues, tick bound or NodeInfo.gone (read as empty, 0, False)
 RANK = {"online": 3, "busy": 2, "away": 1}
 """Which session's status a user shows when several sessions differ."""
 
