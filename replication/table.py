@@ -928,8 +928,9 @@ class SessionTable:
         """Node ``name`` fell silent, spoke again, restarted or said it is going
         (ticks bounded): queue its parts, for the next ticks to bring its sessions
         in line (``_sync_session``), without touching a session here (in a node
-        process, even sorting the 200,000 ids of a node held the apply thread for
-        1.6 s, its pages shared with a compaction child). A part is the same set
+        process, a tick that sorted the 200,000 ids of a node and orphaned 10,000
+        held the apply thread for 1.6 s, its pages shared with a compaction
+        child). A part is the same set
         on every replica; the order in which its sessions change changes nothing.
         A part still queued is not queued again: its turn will see the node as it
         is then (a flapping node does not grow the queue)."""
