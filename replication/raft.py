@@ -930,7 +930,11 @@ class _TableConsumer(SyncObjConsumer):
         except Exception:
             log.exception("applying a batch failed")
 
-    def _entry_applied(self, index: int) -> None:
+    def _entry_applied(self, index: int, t0: float) -> None:
+        """After the whole entry at ``index`` (begun at ``t0``) applied: note a
+        slow one, and digest the table for the checkpoints it holds."""
+        if time.monotonic() - t0 >= SLOW_APPLY:
+            _record_hold(t0, "apply")
         due = self._applier.table.checkpoints_due
         if due:
             tags = list(due)
@@ -946,9 +950,7 @@ class _TableConsumer(SyncObjConsumer):
         t0 = time.monotonic()
         index = self._index_of()
         self._apply(index, blob)
-        self._entry_applied(index)
-        if time.monotonic() - t0 >= SLOW_APPLY:
-            _record_hold(t0, "apply")
+        self._entry_applied(index, t0)
 
     @replicated
     def apply_batches(self, blobs: list[bytes]) -> None:
@@ -958,9 +960,7 @@ class _TableConsumer(SyncObjConsumer):
         index = self._index_of()
         for blob in blobs:
             self._apply(index, blob)
-        self._entry_applied(index)
-        if time.monotonic() - t0 >= SLOW_APPLY:
-            _record_hold(t0, "apply")
+        self._entry_applied(index, t0)
 
 
 class _AppendEntriesSends:

@@ -17,6 +17,9 @@ import pysyncobj.journal as pjournal
 import pytest
 
 import replication.raft as raft
+from replication.batch import AppliedBatch, BatchApplier, encode_batch
+from replication.commands import Noop
+from replication.table import SessionTable
 
 
 def _journal(path: Path, entries: int = 0, fsync: bool = True) -> raft._DurableFileJournal:
@@ -331,3 +334,28 @@ def test_a_slow_fsync_is_noted_among_the_holds(tmp_path: Path,
     began, _kind, seconds = holds[0]
     assert t0 <= began <= t0 + 0.01 and 0.03 <= seconds < 1.0
     j._destroy()
+
+
+def test_a_slow_entry_is_noted_among_the_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry whose application holds the tick thread ``SLOW_APPLY`` or more shows
+    in ``recent_holds`` (kind "apply"), one per entry, a merged entry of several
+    batches as one; quick entries do not."""
+    monkeypatch.setattr(raft, "_events", deque(maxlen=1024))
+    slow = {"on": False}
+
+    def on_applied(_index: int, _applied: AppliedBatch) -> None:
+        if slow["on"]:  # a table that takes 15 ms per batch
+            time.sleep(0.015)
+
+    consumer = raft._TableConsumer(BatchApplier(SessionTable()), on_applied, lambda: None,
+                                   lambda _tag, _index, _digest: None)
+    blobs = [encode_batch("n1", 1, seq, [(seq, Noop())]) for seq in range(1, 4)]
+    consumer.apply_batch(blobs[0], _doApply=True)
+    assert raft.ReplicatedLog.recent_holds() == []
+    slow["on"] = True
+    t0 = time.monotonic()
+    consumer.apply_batches(blobs[1:], _doApply=True)  # 2 x 15 ms in one entry
+    holds = raft.ReplicatedLog.recent_holds()
+    assert [k for _, k, _ in holds] == ["apply"]
+    began, _kind, seconds = holds[0]
+    assert t0 <= began <= t0 + 0.01 and 0.03 <= seconds < 1.0
