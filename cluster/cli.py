@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--sessions-per-tick", type=int, default=5000,
                     help="sessions one clock tick may expire, and about as many it may "
                     "orphan or re-attach when their node falls silent, speaks again, "
-                    "restarts or shuts down; the rest in the next ticks (1-1000000, "
-                    "default 5000)")
+                    "restarts, shuts down or is removed; the rest in the next ticks "
+                    "(1-1000000, default 5000)")
     nd.add_argument("--compaction-entries", type=int, default=20_000,
                     help="snapshot the table after this many log entries (default 20000)")
     nd.add_argument("--log-format", choices=["kv", "json"], default="kv")

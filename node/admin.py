@@ -232,7 +232,9 @@ class AdminServer:
                 lambda cb: self.core.log.remove_member(raft, cb))  # type: ignore[union-attr]
             if err is not None:
                 raise AdminError("refused", f"the Raft log refused the change: {err}")
-            await self.core.request(Leave(str(node_id)), timeout=15)
+            if node_id == raft:  # a dead member, named by its Raft address
+                node_id = self.core.table.node_with_raft(raft) or raft
+            await self.core.request(Leave(str(node_id), bounded=1), timeout=15)
             log.info("member removed", member=node_id, raft=raft)
             return {"removed": node_id, "raft": raft, "members": sorted(remaining)}
 

@@ -500,7 +500,8 @@ class Core:
                 nursery.start_soon(self._heartbeats)
                 nursery.start_soon(self._ticks)
                 nursery.start_soon(self._collector)
-                self.submit(NodeUp(self.node_id, self.inc), self._on_node_up, timeout=math.inf)
+                self.submit(NodeUp(self.node_id, self.inc, self.config.raft), self._on_node_up,
+                            timeout=math.inf)
                 task_status.started()
         finally:
             self._closing = True

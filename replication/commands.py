@@ -205,12 +205,15 @@ class Ack(Command):
 @dataclass(slots=True)
 class NodeUp(Command):
     """Node ``node`` started as incarnation ``inc``: sessions of its earlier
-    incarnations have no connection any more and are orphaned."""
+    incarnations have no connection any more and are orphaned. ``raft`` is its
+    Raft address (``""`` in logs written before the field), so that an operator
+    can remove a dead node by that address and still have its sessions orphaned."""
 
     op: ClassVar[str] = "node-up"
-    types: ClassVar[tuple[Any, ...]] = (str, int)
+    types: ClassVar[tuple[Any, ...]] = (str, int, str)
     node: str
     inc: int
+    raft: str = ""
 
 
 @dataclass(slots=True)
@@ -284,11 +287,18 @@ class Join(Command):
 
 @dataclass(slots=True)
 class Leave(Command):
-    """Node ``node`` was removed from the Raft cluster: its sessions are orphaned."""
+    """Node ``node`` was removed from the Raft cluster: its sessions are orphaned.
+
+    ``bounded`` (1 from the admin shell; 0 in logs written before the field):
+    while the leader's ticks are bounded, the node's sessions are orphaned by
+    the next ticks, a bounded number each, as after ``NodeDown``, not all in
+    this entry (one entry orphaning a node's 200,000 sessions would hold every
+    member's apply thread past an election timeout)."""
 
     op: ClassVar[str] = "leave"
-    types: ClassVar[tuple[Any, ...]] = (str,)
+    types: ClassVar[tuple[Any, ...]] = (str, int)
     node: str
+    bounded: int = 0
 
 
 @dataclass(slots=True)
@@ -428,16 +438,19 @@ def wire_items(items: Iterable[tuple[int, Command]]) -> tuple[list[list[Any]], b
     return out, exact
 
 
-LEGACY_ARITY = {"resume": 7, "tick": 4}
-"""Ops whose older wire form had one field fewer (the new trailing one defaults to
-0): a log written before ``Resume.attempt`` or ``Tick.max_sessions`` existed
-still replays the same way."""
+LEGACY_ARITY: dict[str, tuple[int, Any]] = {
+    "resume": (7, 0), "tick": (4, 0), "leave": (1, 0), "node-up": (2, "")}
+"""Ops whose older wire form had one field fewer: (that many fields, the new
+trailing one's value). A log written before ``Resume.attempt``,
+``Tick.max_sessions``, ``Leave.bounded`` or ``NodeUp.raft`` existed still
+replays the same way."""
 
 
 def _from_wire_checked(item: Any) -> Command:
-    if (isinstance(item, list) and item and isinstance(item[0], str)
-            and LEGACY_ARITY.get(item[0]) == len(item) - 1):
-        item = [*item, 0]
+    if isinstance(item, list) and item and isinstance(item[0], str):
+        legacy = LEGACY_ARITY.get(item[0])
+        if legacy is not None and legacy[0] == len(item) - 1:
+            item = [*item, legacy[1]]
     if not isinstance(item, list) or not item or not isinstance(item[0], str):
         raise CommandError("a command is a non-empty array starting with its op")
     cls = COMMANDS.get(item[0])

@@ -23,7 +23,7 @@ import hmac
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from operator import itemgetter
 from typing import Any
 
@@ -169,6 +169,7 @@ class NodeInfo:
     down: bool = False
     retired: list[int] = field(default_factory=list)  # earlier incarnations, newest last
     gone: bool = False  # down because it said so (NodeDown): its sessions orphan as "conn"
+    raft: str = ""  # its Raft address, from its latest NodeUp that named one
 
 
 RETIRED_INCARNATIONS = 16
@@ -261,10 +262,10 @@ class SessionTable:
         self.sessions: dict[str, Session] = {}
         self.users: dict[str, User] = {}
         self.nodes: dict[str, NodeInfo] = {}
-        self.by_node: dict[str, set[str]] = {}
-        # The same sessions split into NODE_PARTS parts by a hash of the id, so that
-        # a bounded tick can take a node's sessions a part at a time.
+        # Each node's sessions, split into NODE_PARTS parts by a hash of the id so
+        # that a bounded tick can take them a part at a time; and how many.
         self.node_parts: dict[str, list[set[str]]] = {}
+        self.node_sessions: dict[str, int] = {}
         # Detached sessions -> their orphaned_at, in order of orphaned_at.
         self.orphans: dict[str, float] = {}
         # Sessions whose grace ran out, oldest first in canonical order, left for
@@ -368,7 +369,7 @@ class SessionTable:
             ]
             for u in sorted(self.users.values(), key=lambda u: u.name)
         ]
-        nodes = [[n, i.inc, i.seen, i.beat, i.down, i.retired, i.gone]
+        nodes = [[n, i.inc, i.seen, i.beat, i.down, i.retired, i.gone, i.raft]
                  for n, i in sorted(self.nodes.items())]
         orphans = sorted(
             self.orphans, key=lambda sid: (self.orphans[sid], sid)
@@ -406,8 +407,8 @@ class SessionTable:
         self.next_msg_id = state["next_msg_id"]
         self.sessions = {}
         self.users = {}
-        self.by_node = {}
         self.node_parts = {}
+        self.node_sessions = {}
         for row in state["users"]:
             name, last_seen, allowed, subs, next_seq, mailbox, shown, sent = row
             u = User(name, allowed=set(allowed), subs=set(subs), next_seq=next_seq,
@@ -428,7 +429,8 @@ class SessionTable:
             self._user(user).sessions[sid] = None
             self._index_node(s)
         self.nodes = {row[0]: NodeInfo(row[1], row[2], row[3], row[4], list(row[5]),
-                                       bool(row[6]) if len(row) > 6 else False)
+                                       bool(row[6]) if len(row) > 6 else False,
+                                       row[7] if len(row) > 7 else "")
                       for row in state["nodes"]}
         self.orphans = {}
         for sid in state["orphans"]:
@@ -475,11 +477,19 @@ class SessionTable:
             return []
         node, inc = self.local
         out = []
-        for sid in self.by_node.get(node, ()):
+        for sid in chain.from_iterable(self.node_parts.get(node, ())):
             s = self.sessions[sid]
             if s.inc == inc and (s.attached or s.orphan_reason == "node"):
                 out.append((sid, s.epoch))
         return out
+
+    def node_with_raft(self, raft: str) -> str | None:
+        """The id of the node whose latest NodeUp named Raft address ``raft`` (the
+        most recently seen, if several did), or None. Safe to call from another
+        thread than the applying one."""
+        found = [(info.seen, name) for name, info in list(self.nodes.items())
+                 if info.raft == raft]
+        return max(found)[1] if found else None
 
     def restore_view(self) -> list[Effect]:
         """After a snapshot replaced the table: what this node's attached sessions
@@ -543,7 +553,7 @@ class SessionTable:
 
     def _has_local(self) -> bool:
         """Some session is owned by this node (by any of its incarnations)."""
-        return self.local is not None and self.local[0] in self.by_node
+        return self.local is not None and self.local[0] in self.node_sessions
 
     def _aggregate(self, u: User) -> tuple[str, str | None]:
         best: Session | None = None
@@ -631,23 +641,30 @@ class SessionTable:
         self.orphans.pop(s.id, None)
 
     def _index_node(self, s: Session) -> None:
-        """Enter ``s`` in its node's indexes (``by_node``, ``node_parts``)."""
-        self.by_node.setdefault(s.node, set()).add(s.id)
+        """Enter ``s`` in its node's index (``node_parts``, ``node_sessions``)."""
         parts = self.node_parts.get(s.node)
         if parts is None:
             parts = self.node_parts[s.node] = [set() for _ in range(NODE_PARTS)]
-        parts[_part_of(s.id)].add(s.id)
+            self.node_sessions[s.node] = 0
+        parts[_part_of(s.id)].add(s.id)  # never indexed yet (login, restore, resume)
+        self.node_sessions[s.node] += 1
 
     def _unindex_node(self, s: Session) -> None:
-        nodeset = self.by_node.get(s.node)
-        if nodeset is None:
+        parts = self.node_parts.get(s.node)
+        if parts is None:
             return
-        nodeset.discard(s.id)
-        if nodeset:
-            self.node_parts[s.node][_part_of(s.id)].discard(s.id)
+        parts[_part_of(s.id)].remove(s.id)
+        left = self.node_sessions[s.node] - 1
+        if left:
+            self.node_sessions[s.node] = left
         else:
-            del self.by_node[s.node]
             del self.node_parts[s.node]
+            del self.node_sessions[s.node]
+
+    def _node_session_ids(self, node: str) -> list[str]:
+        """``node``'s session ids, sorted (the order of the unbounded loops)."""
+        parts = self.node_parts.get(node)
+        return sorted(chain.from_iterable(parts)) if parts else []
 
     def _remove_session(self, s: Session, now: float, reason: str,
                         effects: list[Effect]) -> None:
@@ -878,13 +895,16 @@ class SessionTable:
     def _node_up(self, c: NodeUp) -> tuple[Result, list[Effect]]:
         info = self.nodes.get(c.node)
         if info is not None and (info.inc == c.inc or c.inc in info.retired):
+            if info.inc == c.inc and c.raft:  # its heartbeat came first
+                info.raft = c.raft
             return OK, []
         retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:] if info else []
-        self.nodes[c.node] = NodeInfo(c.inc, self.clock, retired=retired)
+        raft = c.raft or (info.raft if info else "")
+        self.nodes[c.node] = NodeInfo(c.inc, self.clock, retired=retired, raft=raft)
         if self.tick_bound > 0:
             self._sync_node(c.node)
             return OK, []
-        for sid in sorted(self.by_node.get(c.node, ())):
+        for sid in self._node_session_ids(c.node):
             s = self.sessions[sid]
             if s.inc != c.inc and s.attached:
                 self._orphan(s, "conn")
@@ -898,7 +918,7 @@ class SessionTable:
         if self.tick_bound > 0:
             self._sync_node(c.node)
             return OK, []
-        for sid in sorted(self.by_node.get(c.node, ())):
+        for sid in self._node_session_ids(c.node):
             s = self.sessions[sid]
             if s.inc == c.inc and s.attached:
                 self._orphan(s, "conn")
@@ -918,19 +938,19 @@ class SessionTable:
             if self.tick_bound > 0:
                 self._sync_node(c.node)
                 return OK, []
-            for sid in sorted(self.by_node.get(c.node, ())):
+            for sid in self._node_session_ids(c.node):
                 s = self.sessions[sid]
                 if s.inc == c.inc and not s.attached and s.orphan_reason == "node":
                     self._attach(s)
         return OK, []
 
     def _sync_node(self, name: str) -> None:
-        """Node ``name`` fell silent, spoke again, restarted or said it is going
-        (ticks bounded): queue its parts, for the next ticks to bring its sessions
-        in line (``_sync_session``), without touching a session here (in a node
-        process, a tick that sorted the 200,000 ids of a node and orphaned 10,000
-        held the apply thread for 1.6 s, its pages shared with a compaction
-        child). A part is the same set
+        """Node ``name`` fell silent, spoke again, restarted, said it is going or
+        was removed (ticks bounded): queue its parts, for the next ticks to bring
+        its sessions in line (``_sync_session``), without touching a session here
+        (in a node process, a tick that sorted the 200,000 ids of a node and
+        orphaned 10,000 held the apply thread for 1.6 s, its pages shared with a
+        compaction child). A part is the same set
         on every replica; the order in which its sessions change changes nothing.
         A part still queued is not queued again: its turn will see the node as it
         is then (a flapping node does not grow the queue)."""
@@ -980,7 +1000,7 @@ class SessionTable:
                 if self.tick_bound > 0:
                     self._sync_node(name)
                     continue
-                for sid in sorted(self.by_node.get(name, ())):
+                for sid in self._node_session_ids(name):
                     s = self.sessions[sid]
                     if s.inc == info.inc and s.attached:
                         self._orphan(s, "node")
@@ -1068,7 +1088,10 @@ class SessionTable:
         info = self.nodes.get(c.node)
         if info is not None:
             info.down = info.gone = True
-        for sid in sorted(self.by_node.get(c.node, ())):
+            if c.bounded and self.tick_bound > 0:
+                self._sync_node(c.node)
+                return Result(True, {"left": c.node}), []
+        for sid in self._node_session_ids(c.node):
             s = self.sessions[sid]
             if s.attached:
                 self._orphan(s, "conn")

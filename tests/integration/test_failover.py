@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ import trio
 import client
 from client import Message, PresenceEvent, Reconnected
 from cluster.adminclient import admin_call
-from node.protocol import SERVER_FRAMES, FrameDecoder, encode
 from tests.conftest import Cluster
+from tests.integration.rawlogin import raw_login
 from tests.integration.streams import stream_through
 
 pytestmark = pytest.mark.integration
@@ -76,21 +75,6 @@ async def test_kill_the_leader_holding_alice(make_cluster: Callable[..., Cluster
     await stream_through_kill(c, victim=leader, bob_node=bob_node)
 
 
-def _raw_login(addr: str, user: str, token: str) -> socket.socket:
-    host, port = addr.rsplit(":", 1)
-    s = socket.create_connection((host, int(port)), timeout=5)
-    s.sendall(encode({"type": "login", "user": user, "token": token}))
-    dec = FrameDecoder(SERVER_FRAMES)
-    while True:
-        data = s.recv(65536)
-        assert data
-        dec.feed(data)
-        frames = list(dec.frames())
-        if frames:
-            assert frames[0]["type"] == "login-ok", frames
-            return s
-
-
 async def _offline_after(watcher: client.Session, user: str, timeout: float) -> float:
     t0 = time.monotonic()
     with trio.fail_after(timeout):
@@ -109,7 +93,7 @@ async def test_session_expires_after_the_grace_window(
     n = c.client_addresses()
     with trio.fail_after(40):
         async with client.connect([n[1]], user="bob", token=c.token("bob")) as bob:
-            raw = await trio.to_thread.run_sync(_raw_login, n[0], "zed", c.token("zed"))
+            raw = await trio.to_thread.run_sync(raw_login, n[0], "zed", c.token("zed"))
             async with client.connect([n[2]], user="zed", token=c.token("zed")) as z2:
                 await z2.allow("bob")
             # zed's second session logged out; the raw one keeps zed online.
@@ -135,7 +119,7 @@ async def test_dead_node_sessions_are_orphaned_then_expire(
             async with client.connect([victim.client], user="yan",
                                       token=c.token("yan")) as y:
                 await y.allow("bob")
-            raw = await trio.to_thread.run_sync(_raw_login, victim.client, "yan",
+            raw = await trio.to_thread.run_sync(raw_login, victim.client, "yan",
                                                 c.token("yan"))
             await bob.subscribe("yan")
             while True:
@@ -168,7 +152,7 @@ async def test_a_dead_node_sessions_expire_a_bounded_number_per_tick(
                 async with client.connect([victim.client], user=user,
                                           token=c.token(user)) as other:
                     await other.allow("bob")
-                raws.append(await trio.to_thread.run_sync(_raw_login, victim.client, user,
+                raws.append(await trio.to_thread.run_sync(raw_login, victim.client, user,
                                                           c.token(user)))
                 await bob.subscribe(user)
             online: set[str] = set()

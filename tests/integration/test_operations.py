@@ -22,6 +22,7 @@ from cluster.adminclient import AdminCallError, admin_call
 from cluster.membership import ClusterAdmin
 from node.auth import Keys
 from tests.conftest import Cluster
+from tests.integration.rawlogin import raw_login
 
 pytestmark = pytest.mark.integration
 
@@ -160,6 +161,42 @@ def test_admin_errors_are_one_line(make_cluster: Callable[..., Cluster],
             c.spec(follower[0]).raft)
     assert p.returncode == 0, p.stderr
     assert len(_admin(c).leader()["members"]) == 2
+
+
+async def test_removing_a_dead_node_orphans_its_sessions_a_few_per_tick(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """``admin remove`` of a dead node with ``--sessions-per-tick 2``: the next
+    ticks of the leader's clock (0.5 s apart) orphan its six sessions two at a
+    time, not the Leave entry all at once (for a node of 200,000 sessions that
+    one entry would hold every member's apply thread past an election timeout).
+    Long timeouts keep the node's silence and the grace window out of it."""
+    c = make_cluster(node_args=["--grace", "120", "--node-timeout", "60",
+                                "--sessions-per-tick", "2"])
+    leader = c.leader()
+    assert leader is not None
+    victim = next(s for s in c.specs if s.id != leader)
+    raws = [await trio.to_thread.run_sync(raw_login, victim.client, f"rm{i}",
+                                          c.token(f"rm{i}")) for i in range(6)]
+    try:
+        with trio.fail_after(60):
+            while (await trio.to_thread.run_sync(c.status, leader))["sessions"] < 6:
+                await trio.sleep(0.05)
+            c.kill(victim.id)
+            p = await trio.to_thread.run_sync(
+                lambda: _sb("admin", "--cluster", ",".join(s.admin for s in c.specs),
+                            "--secret-file", str(c.secret_file), "remove", victim.raft))
+            assert p.returncode == 0, p.stderr
+            seen: dict[int, float] = {}
+            while 6 not in seen:
+                st = await trio.to_thread.run_sync(c.status, leader)
+                seen.setdefault(st["orphaned"], time.monotonic())
+                await trio.sleep(0.02)
+    finally:
+        for raw in raws:
+            raw.close()
+    first = min(t for n, t in seen.items() if n > 0)
+    assert seen[6] - first >= 0.6, f"orphaned at once: {sorted(seen)}"
+    assert len([n for n in seen if 0 < n < 6]) >= 1, sorted(seen)
 
 
 async def test_one_membership_change_at_a_time(make_cluster: Callable[..., Cluster]) -> None:

@@ -145,7 +145,8 @@ def test_wrong_arity(cls: type[Command]) -> None:
     with pytest.raises(CommandError, match="expected"):
         from_wire([*wire, "extra"])
     if cls.op in LEGACY_ARITY:
-        assert from_wire(wire[:-1]) == cls(*wire[1:-1], 0)  # type: ignore[call-arg]
+        default = LEGACY_ARITY[cls.op][1]
+        assert from_wire(wire[:-1]) == cls(*wire[1:-1], default)  # type: ignore[call-arg]
         with pytest.raises(CommandError, match="expected"):
             from_wire(wire[:-2])
     elif len(wire) > 1:

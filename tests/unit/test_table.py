@@ -903,11 +903,13 @@ def test_node_sync_is_the_same_on_live_and_restored_replicas() -> None:
     assert copy.digest() == t.digest() and copy.node_sync == t.node_sync
 
 
-def test_a_restart_and_a_shutdown_orphan_a_node_sessions_a_part_at_a_time() -> None:
-    """Once ticks are bounded, a node's new incarnation (NodeUp) and its clean
-    shutdown (NodeDown) queue its parts too: later ticks orphan its sessions, as
-    "conn" (no re-attach by a heartbeat), a few at a time."""
-    for event in (NodeUp("n2", 2), NodeDown("n2", 1)):
+def test_a_restart_a_shutdown_and_a_removal_orphan_a_node_sessions_a_part_at_a_time(
+) -> None:
+    """Once ticks are bounded, a node's new incarnation (NodeUp), its clean
+    shutdown (NodeDown) and its removal by an operator (Leave from the admin
+    shell) queue its parts too: later ticks orphan its sessions, as "conn" (no
+    re-attach by a heartbeat), a few at a time."""
+    for event in (NodeUp("n2", 2), NodeDown("n2", 1), Leave("n2", bounded=1)):
         t = _node_with_sessions(5)
         _bounded_tick(t, 0.5)  # the bound is known from now on
         assert t.apply(event)[0].ok
@@ -931,6 +933,18 @@ def test_unbounded_ticks_and_heartbeats_act_at_once_as_before() -> None:
     assert _orphaned(t) == [] and t.node_sync == []
     t.apply(NodeDown("n2", 1))
     assert len(_orphaned(t)) == 5 and t.node_sync == []
+
+
+def test_a_leave_from_an_older_log_orphans_at_once_even_with_bounded_ticks() -> None:
+    """A one-field Leave (written before ``Leave.bounded``) orphans every session
+    of the node in its own entry, as the build that wrote it did, so a replica
+    that replays it computes the same table as one that applied it then."""
+    t = _node_with_sessions(5)
+    _bounded_tick(t, 0.5)
+    assert t.tick_bound > 0
+    t.apply(from_wire(["leave", "n2"]))
+    assert len(_orphaned(t)) == 5 and t.node_sync == []
+    assert {s.orphan_reason for s in t.sessions.values()} == {"conn"}
 
 
 def test_snapshots_keep_the_expiry_queue_and_read_v4(t: SessionTable) -> None:
@@ -1088,6 +1102,29 @@ def test_leave_orphans_the_nodes_sessions(t: SessionTable) -> None:
     assert t.presence_of("alice")[0] == "online"
     t.apply(Heartbeat("n2", 1, 2))
     assert not t.sessions["s1"].attached
+
+
+def test_a_node_raft_address_is_known_from_its_node_up(t: SessionTable) -> None:
+    """NodeUp names the node's Raft address, so that ``admin remove`` of a dead node
+    named by that address can find its id; a heartbeat that came first, a restart
+    logged without the field, snapshots and older snapshots' rows keep it right."""
+    t.apply(Heartbeat("n2", 1, 1))
+    assert t.node_with_raft("10.0.0.2:7200") is None
+    t.apply(NodeUp("n2", 1, "10.0.0.2:7200"))
+    assert t.node_with_raft("10.0.0.2:7200") == "n2"
+    t.apply(from_wire(["node-up", "n2", 2]))  # the older form: the address stays
+    assert t.nodes["n2"].inc == 2 and t.node_with_raft("10.0.0.2:7200") == "n2"
+    t.apply(Tick(1.0, 1.0, 60.0, 60.0))
+    t.apply(NodeUp("n3", 1, "10.0.0.2:7200"))  # later, another node on that address
+    assert t.node_with_raft("10.0.0.2:7200") == "n3"
+    r = SessionTable()
+    r.restore(t.snapshot())
+    assert r.nodes == t.nodes and r.digest() == t.digest()
+    state = cbor2.loads(t.snapshot())
+    for row in state["nodes"]:
+        del row[7:]
+    r.restore(cbor2.dumps(state))
+    assert r.node_with_raft("10.0.0.2:7200") is None and r.nodes["n2"].inc == 2
 
 
 def test_joined_nodes_are_in_snapshots(t: SessionTable) -> None:

@@ -591,7 +591,7 @@ class TableMachine(RuleBasedStateMachine):
                 self.orphan(s, "conn")
 
     @rule(kind=st.sampled_from(["beat"] * 3 + ["revive"] * 2
-                               + ["up", "down", "down-other", "join", "leave"]),
+                               + ["up", "down", "down-other", "join", "leave", "leave-old"]),
           node=st.sampled_from(["n1", "n1", "n2", "n3"]), retired=st.integers(0, 4),
           beat=st.integers(0, 100))
     def node_event(self, kind: str, node: str, retired: int, beat: int) -> None:
@@ -601,16 +601,17 @@ class TableMachine(RuleBasedStateMachine):
             node = next((n for n in sorted(self.nodes) if self.nodes[n].down), node)
         if kind in ("beat", "revive"):
             self.heartbeat(node, retired, beat)
-        elif kind in ("join", "leave"):
-            self.join_or_leave(node, kind == "join")
+        elif kind in ("join", "leave", "leave-old"):
+            self.join_or_leave(node, kind == "join", bounded=kind == "leave")
         elif kind == "up":
             self.node_up(node)
         else:
             self.node_down(node, kind == "down")
 
-    def join_or_leave(self, node: str, join: bool) -> None:
-        """An operator adds a node, or removes one: its sessions are orphaned."""
-        result, effects = self.apply(Join(node) if join else Leave(node))
+    def join_or_leave(self, node: str, join: bool, bounded: bool) -> None:
+        """An operator adds a node, or removes one: its sessions are orphaned (by
+        the next ticks if they are bounded, unless the Leave predates the field)."""
+        result, effects = self.apply(Join(node) if join else Leave(node, int(bounded)))
         assert result == Result(True, {"joined" if join else "left": node})
         assert effects == [[]] * len(LOCALS)
         if join:
@@ -619,6 +620,9 @@ class TableMachine(RuleBasedStateMachine):
         self.joined.discard(node)
         if node in self.nodes:
             self.nodes[node].down = self.nodes[node].gone = True
+            if bounded and self.tick_bound > 0:
+                self.queue_node(node)
+                return
         for s in self.sessions.values():
             if s.node == node and s.attached:
                 self.orphan(s, "conn")
@@ -808,6 +812,18 @@ class TableMachine(RuleBasedStateMachine):
         for user, sent in self.sent_by.items():
             assert t.users[user].sent == sent
         assert t.joined == self.joined
+
+    @invariant()
+    def node_index_matches_the_sessions(self) -> None:
+        """Every replica's node index holds exactly its sessions, each in its part,
+        with the right count per node, and no node without sessions."""
+        for r in (*self.replicas, self.twin):
+            want: dict[str, list[set[str]]] = {}
+            for sid, s in r.sessions.items():
+                parts = want.setdefault(s.node, [set() for _ in range(NODE_PARTS)])
+                parts[zlib.crc32(sid.encode()) % NODE_PARTS].add(sid)
+            assert r.node_parts == want
+            assert r.node_sessions == {n: sum(map(len, p)) for n, p in want.items()}
 
     @invariant()
     def presence_is_consistent(self) -> None:
