@@ -232,9 +232,13 @@ class AdminServer:
                 lambda cb: self.core.log.remove_member(raft, cb))  # type: ignore[union-attr]
             if err is not None:
                 raise AdminError("refused", f"the Raft log refused the change: {err}")
-            if node_id == raft:  # a dead member, named by its Raft address
-                node_id = self.core.table.node_with_raft(raft) or raft
-            await self.core.request(Leave(str(node_id), bounded=1), timeout=15)
+            # The table finds a dead member named by its Raft address by that address.
+            left = await self.core.request(Leave(str(node_id), bounded=1), timeout=15)
+            if left.ok and left.value:
+                node_id = left.value.get("left", node_id)
+            if node_id == raft:
+                log.warning("removed member not known by its Raft address: its sessions "
+                            "wait for its silence to be noticed", raft=raft)
             log.info("member removed", member=node_id, raft=raft)
             return {"removed": node_id, "raft": raft, "members": sorted(remaining)}
 

@@ -290,10 +290,13 @@ class Leave(Command):
     """Node ``node`` was removed from the Raft cluster: its sessions are orphaned.
 
     ``bounded`` (1 from the admin shell; 0 in logs written before the field):
-    while the leader's ticks are bounded, the node's sessions are orphaned by
-    the next ticks, a bounded number each, as after ``NodeDown``, not all in
-    this entry (one entry orphaning a node's 200,000 sessions would hold every
-    member's apply thread past an election timeout)."""
+    ``node`` may also be the Raft address the node's ``NodeUp`` named (a dead
+    member is known to the operator by that address only); the node's current
+    incarnation is retired (its heartbeats are refused); and while the leader's
+    ticks are bounded, its sessions are orphaned by the next ticks, a bounded
+    number each, as after ``NodeDown``, not all in this entry (one entry
+    orphaning a node's 200,000 sessions would hold every member's apply thread
+    past an election timeout)."""
 
     op: ClassVar[str] = "leave"
     types: ClassVar[tuple[Any, ...]] = (str, int)

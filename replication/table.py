@@ -483,14 +483,6 @@ class SessionTable:
                 out.append((sid, s.epoch))
         return out
 
-    def node_with_raft(self, raft: str) -> str | None:
-        """The id of the node whose latest NodeUp named Raft address ``raft`` (the
-        most recently seen, if several did), or None. Safe to call from another
-        thread than the applying one."""
-        found = [(info.seen, name) for name, info in list(self.nodes.items())
-                 if info.raft == raft]
-        return max(found)[1] if found else None
-
     def restore_view(self) -> list[Effect]:
         """After a snapshot replaced the table: what this node's attached sessions
         must be shown, i.e. every message in their mailboxes and their contacts'
@@ -1084,18 +1076,29 @@ class SessionTable:
         return Result(True, {"joined": c.node}), []
 
     def _leave(self, c: Leave) -> tuple[Result, list[Effect]]:
-        self.joined.discard(c.node)
-        info = self.nodes.get(c.node)
+        name = c.node
+        if c.bounded and name not in self.nodes:
+            # A dead member, named by its Raft address: the node whose NodeUp
+            # named it (the latest seen, if several did).
+            found = [(info.seen, n) for n, info in self.nodes.items() if info.raft == name]
+            name = max(found)[1] if found else name
+        self.joined.discard(name)
+        info = self.nodes.get(name)
         if info is not None:
             info.down = info.gone = True
-            if c.bounded and self.tick_bound > 0:
-                self._sync_node(c.node)
-                return Result(True, {"left": c.node}), []
-        for sid in self._node_session_ids(c.node):
+            if c.bounded:
+                # For good: heartbeats of this incarnation are refused from now on,
+                # so one still in flight cannot bring the node's sessions back.
+                info.retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:]
+                info.inc = 0  # never an incarnation: they are odd
+                if self.tick_bound > 0:
+                    self._sync_node(name)
+                    return Result(True, {"left": name}), []
+        for sid in self._node_session_ids(name):
             s = self.sessions[sid]
             if s.attached:
                 self._orphan(s, "conn")
-        return Result(True, {"left": c.node}), []
+        return Result(True, {"left": name}), []
 
     def _checkpoint(self, c: Checkpoint) -> tuple[Result, list[Effect]]:
         self.checkpoints_due.append(c.tag)

@@ -1104,19 +1104,20 @@ def test_leave_orphans_the_nodes_sessions(t: SessionTable) -> None:
     assert not t.sessions["s1"].attached
 
 
-def test_a_node_raft_address_is_known_from_its_node_up(t: SessionTable) -> None:
-    """NodeUp names the node's Raft address, so that ``admin remove`` of a dead node
-    named by that address can find its id; a heartbeat that came first, a restart
-    logged without the field, snapshots and older snapshots' rows keep it right."""
+def test_a_dead_node_can_be_removed_by_the_raft_address_its_node_up_named(
+        t: SessionTable) -> None:
+    """NodeUp names the node's Raft address, so that ``admin remove`` of a dead node,
+    which the operator can name only by that address, finds its id (the latest seen
+    node on that address); a heartbeat that came first, a restart logged without
+    the field, snapshots and older snapshots' rows keep it right. A Leave written
+    before ``Leave.bounded`` names what it names."""
     t.apply(Heartbeat("n2", 1, 1))
-    assert t.node_with_raft("10.0.0.2:7200") is None
     t.apply(NodeUp("n2", 1, "10.0.0.2:7200"))
-    assert t.node_with_raft("10.0.0.2:7200") == "n2"
-    t.apply(from_wire(["node-up", "n2", 2]))  # the older form: the address stays
-    assert t.nodes["n2"].inc == 2 and t.node_with_raft("10.0.0.2:7200") == "n2"
+    t.apply(from_wire(["node-up", "n2", 3]))  # the older form: the address stays
+    assert t.nodes["n2"].inc == 3 and t.nodes["n2"].raft == "10.0.0.2:7200"
+    t.apply(NodeUp("n4", 1, "10.0.0.4:7200"))
     t.apply(Tick(1.0, 1.0, 60.0, 60.0))
-    t.apply(NodeUp("n3", 1, "10.0.0.2:7200"))  # later, another node on that address
-    assert t.node_with_raft("10.0.0.2:7200") == "n3"
+    t.apply(NodeUp("n3", 1, "10.0.0.4:7200"))  # later, another node on n4's address
     r = SessionTable()
     r.restore(t.snapshot())
     assert r.nodes == t.nodes and r.digest() == t.digest()
@@ -1124,7 +1125,33 @@ def test_a_node_raft_address_is_known_from_its_node_up(t: SessionTable) -> None:
     for row in state["nodes"]:
         del row[7:]
     r.restore(cbor2.dumps(state))
-    assert r.node_with_raft("10.0.0.2:7200") is None and r.nodes["n2"].inc == 2
+    assert {i.raft for i in r.nodes.values()} == {""} and r.nodes["n2"].inc == 3
+    assert t.apply(from_wire(["leave", "10.0.0.2:7200"]))[0].value == {"left": "10.0.0.2:7200"}
+    assert not t.nodes["n2"].down
+    assert t.apply(Leave("10.0.0.2:7200", bounded=1))[0].value == {"left": "n2"}
+    assert t.nodes["n2"].down and t.nodes["n2"].gone
+    assert t.apply(Leave("10.0.0.4:7200", bounded=1))[0].value == {"left": "n3"}
+    assert t.apply(Leave("10.0.0.9:7200", bounded=1))[0].value == {"left": "10.0.0.9:7200"}
+
+
+def test_a_removed_node_stays_removed() -> None:
+    """After a Leave from the admin shell a heartbeat of the node's incarnation is
+    refused (one in flight must not re-attach its sessions or keep those queued
+    attached), and the next ticks orphan them all; a node unknown to the table
+    (no NodeUp nor heartbeat) has its sessions orphaned at once."""
+    t = _node_with_sessions(5)
+    _bounded_tick(t, 0.5)
+    assert t.apply(Leave("n2", bounded=1))[0].ok
+    assert t.apply(Heartbeat("n2", 1, 9))[0].code == "retired"
+    assert t.nodes["n2"].down and t.nodes["n2"].gone and 1 in t.nodes["n2"].retired
+    for _ in range(4):
+        _bounded_tick(t, 0.5)
+    assert _orphaned(t) == ["s0", "s1", "s2", "s3", "s4"]
+    assert {s.orphan_reason for s in t.sessions.values()} == {"conn"}
+    login(t, "x1", "xena", node="n7")
+    assert "n7" not in t.nodes
+    assert t.apply(Leave("n7", bounded=1))[0].ok
+    assert not t.sessions["x1"].attached
 
 
 def test_joined_nodes_are_in_snapshots(t: SessionTable) -> None:

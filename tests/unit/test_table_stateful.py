@@ -618,11 +618,15 @@ class TableMachine(RuleBasedStateMachine):
             self.joined.add(node)
             return
         self.joined.discard(node)
-        if node in self.nodes:
-            self.nodes[node].down = self.nodes[node].gone = True
-            if bounded and self.tick_bound > 0:
-                self.queue_node(node)
-                return
+        info = self.nodes.get(node)
+        if info is not None:
+            info.down = info.gone = True
+            if bounded:  # its incarnation retired: its heartbeats are refused
+                info.retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:]
+                info.inc = 0
+                if self.tick_bound > 0:
+                    self.queue_node(node)
+                    return
         for s in self.sessions.values():
             if s.node == node and s.attached:
                 self.orphan(s, "conn")
