@@ -53,6 +53,7 @@ from replication.table import (
 )
 
 NODES = ["n1", "n2", "n3"]
+RAFT = {"n1": "10.0.0.1:7200", "n2": "10.0.0.2:7200", "n3": "10.0.0.3:7200"}  # NodeUp's
 USERS = ["alice", "bob", "carol"]
 SIDS = ["s0", "s1", "s2", "s3", "s4", "s5"]
 H = b"token"
@@ -91,6 +92,7 @@ class MNode:
     down: bool = False
     retired: list[int] = field(default_factory=list)
     gone: bool = False
+    raft: str = ""
 
 
 def norm(effects: list[Effect]) -> list[Any]:
@@ -576,13 +578,16 @@ class TableMachine(RuleBasedStateMachine):
 
     # --- cluster housekeeping ---------------------------------------------------------
 
-    def node_up_model(self, node: str, inc: int) -> None:
+    def node_up_model(self, node: str, inc: int, raft: str = "") -> None:
         """The model's NodeUp: a new incarnation orphans the older one's sessions."""
         info = self.nodes.get(node)
         if info is not None and (info.inc == inc or inc in info.retired):
+            if info.inc == inc and raft:
+                info.raft = raft
             return
         retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:] if info else []
-        self.nodes[node] = MNode(inc, self.clock, retired=retired)
+        self.nodes[node] = MNode(inc, self.clock, retired=retired,
+                                 raft=raft or (info.raft if info else ""))
         if self.tick_bound > 0:
             self.queue_node(node)
             return
@@ -591,7 +596,8 @@ class TableMachine(RuleBasedStateMachine):
                 self.orphan(s, "conn")
 
     @rule(kind=st.sampled_from(["beat"] * 3 + ["revive"] * 2
-                               + ["up", "down", "down-other", "join", "leave", "leave-old"]),
+                               + ["up", "down", "down-other", "join", "leave", "leave-old",
+                                  "leave-raft"]),
           node=st.sampled_from(["n1", "n1", "n2", "n3"]), retired=st.integers(0, 4),
           beat=st.integers(0, 100))
     def node_event(self, kind: str, node: str, retired: int, beat: int) -> None:
@@ -601,17 +607,23 @@ class TableMachine(RuleBasedStateMachine):
             node = next((n for n in sorted(self.nodes) if self.nodes[n].down), node)
         if kind in ("beat", "revive"):
             self.heartbeat(node, retired, beat)
-        elif kind in ("join", "leave", "leave-old"):
-            self.join_or_leave(node, kind == "join", bounded=kind == "leave")
+        elif kind in ("join", "leave", "leave-old", "leave-raft"):
+            self.join_or_leave(node, kind == "join", bounded=kind != "leave-old",
+                               by_raft=kind == "leave-raft")
         elif kind == "up":
             self.node_up(node)
         else:
             self.node_down(node, kind == "down")
 
-    def join_or_leave(self, node: str, join: bool, bounded: bool) -> None:
-        """An operator adds a node, or removes one: its sessions are orphaned (by
-        the next ticks if they are bounded, unless the Leave predates the field)."""
-        result, effects = self.apply(Join(node) if join else Leave(node, int(bounded)))
+    def join_or_leave(self, node: str, join: bool, bounded: bool, by_raft: bool) -> None:
+        """An operator adds a node, or removes one (a dead one by the Raft address
+        its NodeUp named, if any did): its sessions are orphaned (by the next
+        ticks if they are bounded, unless the Leave predates the field)."""
+        name = RAFT[node] if by_raft else node
+        result, effects = self.apply(Join(node) if join else Leave(name, int(bounded)))
+        if by_raft:
+            found = [(i.seen, n) for n, i in self.nodes.items() if i.raft == name]
+            node = max(found)[1] if found else name
         assert result == Result(True, {"joined" if join else "left": node})
         assert effects == [[]] * len(LOCALS)
         if join:
@@ -634,9 +646,9 @@ class TableMachine(RuleBasedStateMachine):
     def node_up(self, node: str) -> None:
         """Node restarts with a new incarnation (n1 may reach incarnation 2, 3, ...)."""
         self.incs[node] += 1
-        result, effects = self.apply(NodeUp(node, self.incs[node]))
+        result, effects = self.apply(NodeUp(node, self.incs[node], RAFT[node]))
         assert result == Result(True, {}) and effects == [[]] * len(LOCALS)
-        self.node_up_model(node, self.incs[node])
+        self.node_up_model(node, self.incs[node], RAFT[node])
 
     def node_down(self, node: str, current: bool) -> None:
         """A clean shutdown of the current (or of another) incarnation."""
@@ -828,6 +840,15 @@ class TableMachine(RuleBasedStateMachine):
                 parts[zlib.crc32(sid.encode()) % NODE_PARTS].add(sid)
             assert r.node_parts == want
             assert r.node_sessions == {n: sum(map(len, p)) for n, p in want.items()}
+
+    @invariant()
+    def nodes_match_the_model(self) -> None:
+        """What the table knows of each node (incarnation, retired ones, down, gone,
+        Raft address) is what the model says."""
+        got = {n: (i.inc, i.retired, i.down, i.gone, i.raft)
+               for n, i in self.main.nodes.items()}
+        assert got == {n: (i.inc, i.retired, i.down, i.gone, i.raft)
+                       for n, i in self.nodes.items()}
 
     @invariant()
     def presence_is_consistent(self) -> None:
