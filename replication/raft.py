@@ -33,6 +33,7 @@ import gc
 import gzip
 import logging
 import os
+import random
 import select
 import signal
 import struct
@@ -1175,6 +1176,12 @@ class _SyncObj(SyncObj):
       commit index, nor for a commit that concerns no follower (no effect for a
       session of one, none of its proposals: ``_SyncObj__sendAppendEntries``),
       and no repeated answer to a commit-only message (``_SyncObj__sendNextNodeIdx``).
+    - A member that has just started (or loaded its snapshot at start) gives the
+      leader one connection retry period plus an election timeout to reach it
+      before it campaigns (``_start_grace``): its deadline was set before it read
+      its journal and snapshot, and the leader may reconnect only at its next
+      retry, so a restarted follower used to call an election at once, with a
+      higher term, and unseat a healthy leader.
 
     A subclass, not attributes set on the instance: pysyncobj pickles every
     attribute added after its constructor into each snapshot, and a function
@@ -1192,6 +1199,7 @@ class _SyncObj(SyncObj):
         self._sb_forwarded = 0  # the latest entry carrying a follower's forwarded command
         self._sb_quiet = False  # the commit just applied concerns no follower
         super().__init__(*args, **kwargs)
+        self._start_grace()
         poller = self._poller
         base_poll = poller.poll
 
@@ -1210,6 +1218,16 @@ class _SyncObj(SyncObj):
             return base_poll(timeout)
 
         poller.poll = poll
+
+    def _start_grace(self) -> None:
+        """Push the election deadline to a connection retry period plus an
+        election timeout from now (never earlier than it is)."""
+        conf = self._SyncObj__conf
+        grace = conf.connectionRetryTime + conf.raftMinTimeout + (
+            conf.raftMaxTimeout - conf.raftMinTimeout) * random.random()
+        deadline = _psyncobj.monotonicTime() + grace
+        if getattr(self, "_SyncObj__raftElectionDeadline") < deadline:  # noqa: B009 (mypy)
+            self._SyncObj__raftElectionDeadline = deadline
 
     def _SyncObj__onNodeConnected(self, node: Any) -> None:
         self._sb_answered.pop(node, None)  # the last answer may have died with the old link
@@ -1310,10 +1328,14 @@ class _SyncObj(SyncObj):
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> Any:
         journal = self._SyncObj__raftLog
-        if clearJournal or not isinstance(journal, _DurableFileJournal):
-            return _load_dump_file(self, clearJournal)
-        with journal.loading_dump():
-            return _load_dump_file(self, clearJournal)
+        try:
+            if clearJournal or not isinstance(journal, _DurableFileJournal):
+                return _load_dump_file(self, clearJournal)
+            with journal.loading_dump():
+                return _load_dump_file(self, clearJournal)
+        finally:
+            if not clearJournal:  # read at start (not installed from the leader): maybe long
+                self._start_grace()
 
     def _SyncObj__tryLogCompaction(self) -> Any:
         conf = self._SyncObj__conf
