@@ -66,6 +66,11 @@ NODE_PARTS = 64
 their id, for bounded ticks to orphan or re-attach them a part at a time."""
 
 
+def _attached_of(inc: int) -> Callable[[Session], bool]:
+    """Picks the sessions attached to incarnation ``inc``."""
+    return lambda s: s.inc == inc and s.attached
+
+
 def _part_of(sid: str) -> int:
     return zlib.crc32(sid.encode()) % NODE_PARTS
 
@@ -893,13 +898,7 @@ class SessionTable:
         retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:] if info else []
         raft = c.raft or (info.raft if info else "")
         self.nodes[c.node] = NodeInfo(c.inc, self.clock, retired=retired, raft=raft)
-        if self.tick_bound > 0:
-            self._sync_node(c.node)
-            return OK, []
-        for sid in self._node_session_ids(c.node):
-            s = self.sessions[sid]
-            if s.inc != c.inc and s.attached:
-                self._orphan(s, "conn")
+        self._sync_or_sweep(c.node, lambda s: s.inc != c.inc and s.attached, self._orphan_conn)
         return OK, []
 
     def _node_down(self, c: NodeDown) -> tuple[Result, list[Effect]]:
@@ -907,13 +906,7 @@ class SessionTable:
         if info is None or info.inc != c.inc:
             return OK, []
         info.down = info.gone = True
-        if self.tick_bound > 0:
-            self._sync_node(c.node)
-            return OK, []
-        for sid in self._node_session_ids(c.node):
-            s = self.sessions[sid]
-            if s.inc == c.inc and s.attached:
-                self._orphan(s, "conn")
+        self._sync_or_sweep(c.node, _attached_of(c.inc), self._orphan_conn)
         return OK, []
 
     def _heartbeat(self, c: Heartbeat) -> tuple[Result, list[Effect]]:
@@ -927,14 +920,31 @@ class SessionTable:
         info.beat = max(info.beat, c.beat)
         if info.down:
             info.down = info.gone = False
-            if self.tick_bound > 0:
-                self._sync_node(c.node)
-                return OK, []
-            for sid in self._node_session_ids(c.node):
-                s = self.sessions[sid]
-                if s.inc == c.inc and not s.attached and s.orphan_reason == "node":
-                    self._attach(s)
+            self._sync_or_sweep(
+                c.node, lambda s: s.inc == c.inc and not s.attached and s.orphan_reason == "node",
+                self._attach)
         return OK, []
+
+    def _sync_or_sweep(self, name: str, stale: Callable[[Session], bool],
+                       change: Callable[[Session], None], queue: bool = True) -> None:
+        """Node ``name``'s sessions must follow a change of the node: with bounded
+        ticks (and ``queue``), queue its parts for the next ticks (``_sync_node``);
+        otherwise, as logs written before the bound replay, ``change`` at once
+        every session ``stale`` picks, in id order (these rules are not quite
+        ``_sync_session``'s: see its docstring)."""
+        if queue and self.tick_bound > 0:
+            self._sync_node(name)
+            return
+        for sid in self._node_session_ids(name):
+            s = self.sessions[sid]
+            if stale(s):
+                change(s)
+
+    def _orphan_conn(self, s: Session) -> None:
+        self._orphan(s, "conn")
+
+    def _orphan_node(self, s: Session) -> None:
+        self._orphan(s, "node")
 
     def _sync_node(self, name: str) -> None:
         """Node ``name`` fell silent, spoke again, restarted, said it is going or
@@ -989,13 +999,7 @@ class SessionTable:
             info = self.nodes[name]
             if not info.down and self.clock - info.seen > c.node_timeout:
                 info.down = True
-                if self.tick_bound > 0:
-                    self._sync_node(name)
-                    continue
-                for sid in self._node_session_ids(name):
-                    s = self.sessions[sid]
-                    if s.inc == info.inc and s.attached:
-                        self._orphan(s, "node")
+                self._sync_or_sweep(name, _attached_of(info.inc), self._orphan_node)
         if self.node_sync:
             self._sync_queued(c.max_sessions if c.max_sessions > 0 else len(self.sessions) + 1)
         room = c.max_sessions if c.max_sessions > 0 else len(self.sessions) + len(self.expiring)
@@ -1091,13 +1095,8 @@ class SessionTable:
                 # so one still in flight cannot bring the node's sessions back.
                 info.retired = [*info.retired, info.inc][-RETIRED_INCARNATIONS:]
                 info.inc = 0  # never an incarnation: they are odd
-                if self.tick_bound > 0:
-                    self._sync_node(name)
-                    return Result(True, {"left": name}), []
-        for sid in self._node_session_ids(name):
-            s = self.sessions[sid]
-            if s.attached:
-                self._orphan(s, "conn")
+        self._sync_or_sweep(name, lambda s: s.attached, self._orphan_conn,
+                            queue=info is not None and c.bounded != 0)
         return Result(True, {"left": name}), []
 
     def _checkpoint(self, c: Checkpoint) -> tuple[Result, list[Effect]]:
