@@ -1182,6 +1182,11 @@ class _SyncObj(SyncObj):
       its journal and snapshot, and the leader may reconnect only at its next
       retry, so a restarted follower used to call an election at once, with a
       higher term, and unseat a healthy leader.
+    - A follower's election deadline moves on by the time it spent applying
+      entries (``_SyncObj__applyLogEntries``): it read no socket meanwhile. A
+      restarted member replays its journal's committed entries in its first
+      tick, before any connection (seconds for a node of 200,000 sessions), and
+      then campaigned at its first connection, before the leader could reach it.
 
     A subclass, not attributes set on the instance: pysyncobj pickles every
     attribute added after its constructor into each snapshot, and a function
@@ -1401,7 +1406,13 @@ class _SyncObj(SyncObj):
         if table is not None and table.track_remote:
             table.track_remote = False
             table.remote_nodes.clear()
-        return _apply_log_entries(self)
+        t0 = _psyncobj.monotonicTime()
+        result = _apply_log_entries(self)
+        # The thread read no socket meanwhile: time spent applying is not time the
+        # leader was silent. A restarted member replays its journal here before its
+        # first connection, and campaigned as soon as it had one.
+        self._SyncObj__raftElectionDeadline += _psyncobj.monotonicTime() - t0
+        return result
 
     def _sb_table(self) -> SessionTable | None:
         consumers = self._SyncObj__consumers
