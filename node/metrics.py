@@ -137,8 +137,6 @@ class _NodeCollector(Collector):
         yield counter("append_next_kept_ahead", "Followers' answers to older messages that "
                       "pysyncobj would have let send the leader back to entries already "
                       "sent", kept_ahead)
-        yield counter("raft_early_campaigns", "Elections brought forward as follower because "
-                      "the link to the leader closed", cs.early_campaigns)
         _starts, start_seconds, start_max = cs.compaction_starts
         yield counter("compaction_start_seconds", "Time compaction starts (the fork of the "
                       "snapshot child) held the Raft thread", start_seconds)

@@ -109,13 +109,6 @@ class RaftTimings:
     # of the one after (docs/benchmarks.md: p50 at 20,000 commands/s 2.0 ms
     # against 3.0). An idle leader appends at once. 0 turns pacing off.
     entry_interval: float = 0.001
-    # A follower whose link to the leader closes (the leader's process died: its
-    # kernel closed the socket) campaigns after ``rank * leader_lost_step`` (plus
-    # up to a third of a step at random; rank: its place among the other
-    # followers, by address) instead of a whole election timeout after the last
-    # heartbeat: staggered, so the followers' bids do not split the vote.
-    # 0 turns it off.
-    leader_lost_step: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -980,7 +973,6 @@ class _AppendEntriesSends:
     quiet = 0  # commit-only sends skipped: the commit concerned no follower
     answers_skipped = 0  # as a follower
     kept_ahead = 0  # answers that would have sent a follower's next index back
-    early_campaigns = 0  # as follower: elections brought forward, the leader's link closed
 
 
 class _CompactionStarts:
@@ -1145,7 +1137,6 @@ def _await_digest(children: _DigestChildren, pid: int, r: int, index: int, tags:
 
 
 _LEADER = _psyncobj._RAFT_STATE.LEADER
-_FOLLOWER = _psyncobj._RAFT_STATE.FOLLOWER
 _apply_log_entries = _psyncobj.SyncObj._SyncObj__applyLogEntries
 _load_dump_file = _psyncobj.SyncObj._SyncObj__loadDumpFile
 _try_log_compaction = _psyncobj.SyncObj._SyncObj__tryLogCompaction
@@ -1210,7 +1201,6 @@ class _SyncObj(SyncObj):
         self._sb_last_append = 0.0  # time.monotonic() of the leader's latest new entry
         self._sb_wake_at = 0.0  # the tick's poll ends by then: a paced entry is due
         self._sb_interval = float(getattr(kwargs.get("conf"), "sb_entry_interval", 0.0))
-        self._sb_lost_step = float(getattr(kwargs.get("conf"), "sb_leader_lost_step", 0.0))
         self._sb_forwarded = 0  # the latest entry carrying a follower's forwarded command
         self._sb_quiet = False  # the commit just applied concerns no follower
         super().__init__(*args, **kwargs)
@@ -1251,25 +1241,6 @@ class _SyncObj(SyncObj):
     def _SyncObj__onNodeDisconnected(self, node: Any) -> None:
         self._sb_answered.pop(node, None)
         _on_node_disconnected(self, node)
-        if (node == self._SyncObj__raftLeader and self._SyncObj__raftState == _FOLLOWER
-                and self._sb_lost_step > 0):
-            self._campaign_soon(node)
-
-    def _campaign_soon(self, leader: Any) -> None:
-        """The link to ``leader`` closed: bring the election deadline forward to
-        this follower's turn (``RaftTimings.leader_lost_step``), never later than
-        it was. A leader that only lost this link is unseated by the election (as
-        by a partition, a whole timeout later); one that was paused or cut off
-        keeps its links open and the usual timeout applies."""
-        me = self._SyncObj__selfNode
-        if me is None:
-            return
-        ids = sorted([me.id, *(n.id for n in self._SyncObj__otherNodes if n != leader)])
-        step = self._sb_lost_step
-        turn = _psyncobj.monotonicTime() + step * (ids.index(me.id) + random.random() / 3)
-        if turn < self._SyncObj__raftElectionDeadline:
-            self._SyncObj__raftElectionDeadline = turn
-            _AppendEntriesSends.early_campaigns += 1
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
         """pysyncobj's handler, less one step back: a follower's answer never moves
@@ -1579,7 +1550,6 @@ class ReplicatedLog:
         )
         conf.sb_compaction_entries = config.compaction_entries  # _SyncObj's turns
         conf.sb_entry_interval = t.entry_interval  # _SyncObj's pacing
-        conf.sb_leader_lost_step = t.leader_lost_step  # _SyncObj's early campaign
         self._consumer = _TableConsumer(self.applier, on_applied, on_restored, on_checkpoint)
         self._status = RaftStatus()
         self._status_lock = threading.Lock()
@@ -1720,12 +1690,6 @@ class ReplicatedLog:
         followers' answers that would have sent their next index back)."""
         a = _AppendEntriesSends
         return a.sent, a.skipped, a.answers_skipped, sent_peer_frames, a.kept_ahead
-
-    @staticmethod
-    def early_campaigns() -> int:
-        """Elections this process brought forward as a follower because its link
-        to the leader closed (``RaftTimings.leader_lost_step``)."""
-        return _AppendEntriesSends.early_campaigns
 
     @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:
