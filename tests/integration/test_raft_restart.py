@@ -72,8 +72,9 @@ def test_a_member_replaying_a_long_journal_waits_for_the_leader_before_campaigni
     before it reads its sockets: its election deadline passed meanwhile, and it
     campaigned as soon as it had a connection, before the leader's first
     message could reach it (seen at 200,000 sessions: terms 2 -> 3 about 14 s
-    after a restart). After a long apply it now gives the leader a connection
-    retry period and an election timeout to reach it first."""
+    after a restart). Its deadline now moves on by the time it spent applying,
+    so the start grace (a retry period and an election timeout) still lies
+    ahead when the replay ends."""
     with raft_group(tmp_path, compaction_entries=100_000, compaction_seconds=3600) as logs:
         lead = leader_of(logs)
         for seq in range(1, 61):  # 60 entries: 2.4 s to replay
