@@ -105,6 +105,7 @@ class CoreStats:
     cuts: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
     compaction_starts: tuple[int, float, float] = (0, 0.0, 0.0)
     append_sends: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+    links: tuple[int, int, int] = (0, 0, 0)
     gc: list[collector.Pauses] = field(default_factory=list)
     raft: RaftStatus = field(default_factory=RaftStatus)
 
@@ -641,6 +642,7 @@ class Core:
         st.cuts = ReplicatedLog.cut_statistics()
         st.compaction_starts = ReplicatedLog.compaction_statistics()
         st.append_sends = ReplicatedLog.send_statistics()
+        st.links = ReplicatedLog.link_statistics()
         st.gc = collector.pause_meter().statistics()
         if self.log is not None:
             st.raft = self.log.status()

@@ -137,6 +137,13 @@ class _NodeCollector(Collector):
         yield counter("append_next_kept_ahead", "Followers' answers to older messages that "
                       "pysyncobj would have let send the leader back to entries already "
                       "sent", kept_ahead)
+        keepalives, probes, early = cs.links
+        yield counter("raft_keepalives", "Keep-alives sent on Raft links that carry no "
+                      "heartbeats (between followers)", keepalives)
+        yield counter("raft_leader_probes", "Connections tried to the leader's address as "
+                      "follower after the link to it closed", probes)
+        yield counter("raft_early_campaigns", "Elections brought forward as follower because "
+                      "the leader's address refused a connection after its link closed", early)
         _starts, start_seconds, start_max = cs.compaction_starts
         yield counter("compaction_start_seconds", "Time compaction starts (the fork of the "
                       "snapshot child) held the Raft thread", start_seconds)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import gzip
 import logging
@@ -36,6 +37,7 @@ import os
 import random
 import select
 import signal
+import socket
 import struct
 import threading
 import time
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import pysyncobj.journal as _pjournal
+import pysyncobj.poller as _ppoller
 import pysyncobj.serializer as _pserializer
 import pysyncobj.syncobj as _psyncobj
 import pysyncobj.tcp_connection as _ptcp
@@ -96,9 +99,9 @@ class RaftTimings:
     election_min: float = 0.35
     election_max: float = 0.7
     # pysyncobj drops a link on its next send when nothing was read on it for this
-    # long; followers never talk to each other, so a short value made the first
-    # election after a leader crash fail on stale links (about 1 s instead of 0.5 s).
-    # Dead peers are still noticed by TCP keepalive (about 8 s) and by elections.
+    # long. Links carry heartbeats or keep-alives (a quarter of this apart), so a
+    # link drops when its peer stops answering; TCP keepalive (about 8 s) and
+    # elections notice dead peers too.
     connection_timeout: float = 10.0
     connection_retry: float = 0.5
     leader_fallback: float = 1.0
@@ -109,6 +112,14 @@ class RaftTimings:
     # of the one after (docs/benchmarks.md: p50 at 20,000 commands/s 2.0 ms
     # against 3.0). An idle leader appends at once. 0 turns pacing off.
     entry_interval: float = 0.001
+    # A follower whose link to the leader closes checks whether anything still
+    # listens at the leader's address. If the connection is refused (the leader's
+    # process is gone), it campaigns after ``rank * leader_lost_step`` (plus up to a
+    # third of a step at random; rank: its place among the other followers, by
+    # address) instead of a whole election timeout after the last heartbeat: the
+    # followers' bids are staggered so that they do not split the vote. 0 turns
+    # it off.
+    leader_lost_step: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -973,6 +984,9 @@ class _AppendEntriesSends:
     quiet = 0  # commit-only sends skipped: the commit concerned no follower
     answers_skipped = 0  # as a follower
     kept_ahead = 0  # answers that would have sent a follower's next index back
+    alive_sent = 0  # keep-alives on links that carry no heartbeats (``_sb_keep_links_alive``)
+    leader_probes = 0  # as follower: the leader's link closed, its address probed
+    early_campaigns = 0  # as follower: the probe was refused, the election brought forward
 
 
 class _CompactionStarts:
@@ -1137,6 +1151,9 @@ def _await_digest(children: _DigestChildren, pid: int, r: int, index: int, tags:
 
 
 _LEADER = _psyncobj._RAFT_STATE.LEADER
+_FOLLOWER = _psyncobj._RAFT_STATE.FOLLOWER
+_POLL_WRITE = _ppoller.POLL_EVENT_TYPE.WRITE
+_POLL_ERROR = _ppoller.POLL_EVENT_TYPE.ERROR
 _apply_log_entries = _psyncobj.SyncObj._SyncObj__applyLogEntries
 _load_dump_file = _psyncobj.SyncObj._SyncObj__loadDumpFile
 _try_log_compaction = _psyncobj.SyncObj._SyncObj__tryLogCompaction
@@ -1146,6 +1163,9 @@ _on_node_connected = _psyncobj.SyncObj._SyncObj__onNodeConnected
 _on_node_disconnected = _psyncobj.SyncObj._SyncObj__onNodeDisconnected
 _on_message_received = _psyncobj.SyncObj._SyncObj__onMessageReceived
 _REGULAR = _psyncobj._COMMAND_TYPE.REGULAR
+_ALIVE = "sb_alive"
+"""The type of the keep-alive a member sends on links that carry no heartbeats;
+pysyncobj ignores message types it does not know, so older members do too."""
 MERGED_ENTRY_BYTES = 1024 * 1024
 """A leader merges batches into one entry only while the entry stays within this
 size (entries must stay under ``APPEND_ENTRIES_BYTES``; a batch alone is at most
@@ -1187,6 +1207,14 @@ class _SyncObj(SyncObj):
       restarted member replays its journal's committed entries in its first
       tick, before any connection (seconds for a node of 200,000 sessions), and
       then campaigned at its first connection, before the leader could reach it.
+    - A member that is not the leader keeps its links to the other non-leaders
+      alive (``_sb_keep_links_alive``), so that the first vote request after a
+      quiet spell goes out instead of closing a stale link.
+    - A follower whose link to the leader closes connects to the leader's
+      address; if that is refused (the leader's process is gone: its kernel
+      closed the links), it campaigns in its turn among the followers
+      (``_leader_gone``) instead of a whole election timeout after the last
+      heartbeat.
 
     A subclass, not attributes set on the instance: pysyncobj pickles every
     attribute added after its constructor into each snapshot, and a function
@@ -1203,6 +1231,9 @@ class _SyncObj(SyncObj):
         self._sb_interval = float(getattr(kwargs.get("conf"), "sb_entry_interval", 0.0))
         self._sb_forwarded = 0  # the latest entry carrying a follower's forwarded command
         self._sb_quiet = False  # the commit just applied concerns no follower
+        self._sb_alive_at = 0.0  # time.monotonic() of the next keep-alive round
+        self._sb_lost_step = float(getattr(kwargs.get("conf"), "sb_leader_lost_step", 0.0))
+        self._sb_probe: tuple[socket.socket, float] | None = None  # (socket, give up at)
         super().__init__(*args, **kwargs)
         self._start_grace()
         poller = self._poller
@@ -1241,6 +1272,98 @@ class _SyncObj(SyncObj):
     def _SyncObj__onNodeDisconnected(self, node: Any) -> None:
         self._sb_answered.pop(node, None)
         _on_node_disconnected(self, node)
+        if (node == self._SyncObj__raftLeader and self._SyncObj__raftState == _FOLLOWER
+                and self._sb_lost_step > 0):
+            self._probe_leader(node)
+
+    def _probe_leader(self, leader: Any) -> None:
+        """The link to ``leader`` closed: connect to its address, without waiting.
+
+        A refusal proves that nothing listens there any more: its process is
+        gone (``_leader_gone``). A connection that succeeds (a live leader whose
+        link merely dropped, or a hung one: its kernel still accepts), one that
+        gets no answer within an election timeout (a cut-off host), or any other
+        error leaves the election timeout to decide, as before.
+        """
+        self._end_probe()
+        term = self._SyncObj__raftCurrentTerm
+        ip = leader.ip
+        if ip is None:
+            return
+        sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        _AppendEntriesSends.leader_probes += 1
+        try:
+            err = sock.connect_ex((ip, leader.port))
+        except OSError:
+            sock.close()
+            return
+        if err != errno.EINPROGRESS:
+            sock.close()
+            if err == errno.ECONNREFUSED:
+                self._leader_gone(leader, term)
+            return
+        fd = sock.fileno()
+
+        def answered(_descr: int, _event: int) -> None:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._end_probe()
+            if err == errno.ECONNREFUSED:
+                self._leader_gone(leader, term)
+
+        self._sb_probe = (sock, _psyncobj.monotonicTime() + self._SyncObj__conf.raftMaxTimeout)
+        self._poller.subscribe(fd, answered, _POLL_WRITE | _POLL_ERROR)
+
+    def _end_probe(self) -> None:
+        if self._sb_probe is not None:
+            sock = self._sb_probe[0]
+            self._sb_probe = None
+            self._poller.unsubscribe(sock.fileno())
+            sock.close()
+
+    def _leader_gone(self, leader: Any, term: int) -> None:
+        """Nothing listens at ``leader``'s address any more: if it is still this
+        follower's leader in ``term``, bring the election deadline forward to this
+        follower's turn (``RaftTimings.leader_lost_step``: its place among the
+        other followers, by address), never later than it was."""
+        me = self._SyncObj__selfNode
+        if (me is None or self._SyncObj__raftState != _FOLLOWER
+                or self._SyncObj__raftLeader != leader or self._SyncObj__raftCurrentTerm != term):
+            return
+        ids = sorted([me.id, *(n.id for n in self._SyncObj__otherNodes if n != leader)])
+        step = self._sb_lost_step
+        turn = _psyncobj.monotonicTime() + step * (ids.index(me.id) + random.random() / 3)
+        if turn < self._SyncObj__raftElectionDeadline:
+            self._SyncObj__raftElectionDeadline = turn
+            _AppendEntriesSends.early_campaigns += 1
+
+    def _sb_tick(self, now: float) -> None:
+        """After each tick, on the tick thread: give up a leader probe that got no
+        answer in time, and keep idle links alive."""
+        if self._sb_probe is not None and _psyncobj.monotonicTime() > self._sb_probe[1]:
+            self._end_probe()
+        self._sb_keep_links_alive(now)
+
+    def _sb_keep_links_alive(self, now: float) -> None:
+        """Unless leader, send a keep-alive on each connected link but the one to
+        the leader, once per quarter of ``connectionTimeout``; tick thread only.
+
+        pysyncobj closes a link on its next send once nothing was read on it for
+        ``connectionTimeout``, and followers say nothing to each other between
+        elections: after a quiet spell that long, the first vote request after a
+        leader loss closed the followers' link instead of going out, so that
+        election took two terms and about twice as long. The leader's links
+        carry its heartbeats and their answers. A peer that is gone still loses
+        its link to the timeout, as before.
+        """
+        if now < self._sb_alive_at or self._SyncObj__raftState == _LEADER:
+            return
+        self._sb_alive_at = now + self._SyncObj__conf.connectionTimeout / 4
+        leader = self._SyncObj__raftLeader
+        transport = self._SyncObj__transport
+        for node in self._SyncObj__otherNodes:
+            if node != leader and transport.send(node, {"type": _ALIVE}):
+                _AppendEntriesSends.alive_sent += 1
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
         """pysyncobj's handler, less one step back: a follower's answer never moves
@@ -1256,6 +1379,8 @@ class _SyncObj(SyncObj):
         only moves forward on success; a follower that truly lacks entries says
         so (``reset``), and that still moves it back.
         """
+        if type(message) is dict and message.get("type") == _ALIVE:
+            return  # read: that was its purpose
         if (type(message) is dict and message.get("type") == "next_node_idx"
                 and message.get("success") and not message.get("reset")
                 and self._SyncObj__raftState == _LEADER):
@@ -1550,6 +1675,7 @@ class ReplicatedLog:
         )
         conf.sb_compaction_entries = config.compaction_entries  # _SyncObj's turns
         conf.sb_entry_interval = t.entry_interval  # _SyncObj's pacing
+        conf.sb_leader_lost_step = t.leader_lost_step  # _SyncObj's early campaign
         self._consumer = _TableConsumer(self.applier, on_applied, on_restored, on_checkpoint)
         self._status = RaftStatus()
         self._status_lock = threading.Lock()
@@ -1629,6 +1755,7 @@ class ReplicatedLog:
             except Exception:  # pysyncobj's own state; never let it kill the tick
                 log.exception("a call on the tick thread failed")
         now = time.monotonic()
+        self._sync._sb_tick(now)
         if now - self._last_status < 0.02:
             return
         self._last_status = now
@@ -1692,6 +1819,14 @@ class ReplicatedLog:
         return a.sent, a.skipped, a.answers_skipped, sent_peer_frames, a.kept_ahead
 
     @staticmethod
+    def link_statistics() -> tuple[int, int, int]:
+        """(keep-alives this process sent on links without heartbeats, probes of a
+        leader's address after its link closed, elections brought forward because
+        the probe was refused)."""
+        a = _AppendEntriesSends
+        return a.alive_sent, a.leader_probes, a.early_campaigns
+
+    @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:
         """This process's latest holds of the tick thread, by compaction or a slow
         fsync or apply: (time.monotonic() at the start, "fork" / "cut" /
@@ -1712,6 +1847,8 @@ class ReplicatedLog:
         thread = self._sync._SyncObj__thread
         if thread is not None:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._sync._sb_probe is not None:
+            self._sync._sb_probe[0].close()
         while time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)

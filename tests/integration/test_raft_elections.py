@@ -1,0 +1,101 @@
+"""Elections after a leader loss: three real ``ReplicatedLog`` members on
+loopback, the leader closed (its links and its listening socket close with it,
+as a killed process's do)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from replication.raft import RaftTimings, ReplicatedLog
+
+from .raftgroup import leader_of, propose_noop, raft_group
+
+pytestmark = [pytest.mark.integration]
+
+
+def _new_leader(logs: list[ReplicatedLog], others: list[int], timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        for k in others:
+            if logs[k].status().role == "leader":
+                return k
+        assert time.monotonic() < deadline, "no new leader"
+        time.sleep(0.005)
+
+
+def test_a_leader_lost_after_a_quiet_spell_is_replaced_in_one_term(tmp_path: Path) -> None:
+    """After a spell longer than the connection timeout with only heartbeats,
+    the followers' link to each other had read nothing for that long, so the
+    first vote request closed it instead of going out: the vote was lost and
+    the election took a second term (about 1.1 s instead of 0.45 s with the
+    default timings). Non-leaders now keep that link alive, and the first
+    candidate wins. The followers wait for their election timeouts here (no
+    early campaign), whose range is widened so that a genuine split vote (both
+    followers timing out within a few milliseconds) stays rare."""
+    timings = RaftTimings(connection_timeout=2.0, election_min=0.35, election_max=1.9,
+                          leader_lost_step=0.0)
+    with raft_group(tmp_path, timings=timings) as logs:
+        lead = leader_of(logs)
+        propose_noop(logs[lead], 1)
+        time.sleep(3.0)  # > connection_timeout: heartbeats only
+        term = logs[lead].status().term
+        logs[lead].close()
+        new = _new_leader(logs, [k for k in range(3) if k != lead])
+        assert logs[new].status().term == term + 1
+
+
+# Election timeouts far longer than anything else in these tests: an election
+# that happens within them was brought forward.
+_SLOW = RaftTimings(election_min=4.0, election_max=5.0)
+
+
+def test_a_killed_leader_is_replaced_without_waiting_for_the_election_timeout(
+        tmp_path: Path) -> None:
+    """A killed leader's kernel closes its links and refuses connections: a
+    follower whose link to it closes tries its address, and on a refusal
+    campaigns in its turn among the followers, so the new leader is there well
+    before anyone's election timeout (4-5 s here), in one term."""
+    with raft_group(tmp_path, timings=_SLOW) as logs:
+        lead = leader_of(logs)
+        propose_noop(logs[lead], 1)
+        time.sleep(0.5)
+        term = logs[lead].status().term
+        _alive, probes, early = ReplicatedLog.link_statistics()
+        t0 = time.monotonic()
+        logs[lead].close()
+        new = _new_leader(logs, [k for k in range(3) if k != lead], timeout=20.0)
+        assert time.monotonic() - t0 < 3.0, "the followers waited for their election timeout"
+        assert logs[new].status().term == term + 1
+        _alive, probes_after, early_after = ReplicatedLog.link_statistics()
+        assert probes_after >= probes + 2 and early_after >= early + 1
+
+
+def test_a_dropped_link_to_a_live_leader_starts_no_election(tmp_path: Path) -> None:
+    """The follower's probe of a live leader's address connects: the leader is
+    not gone, the link is made again (pysyncobj retries it) and nobody
+    campaigns."""
+    with raft_group(tmp_path, timings=_SLOW) as logs:
+        lead = leader_of(logs)
+        propose_noop(logs[lead], 1)
+        time.sleep(0.5)
+        term = logs[lead].status().term
+        follower = (lead + 1) % 3
+        sync = logs[follower]._sync
+        leader_node = sync._SyncObj__raftLeader
+        transport = sync._SyncObj__transport
+        _alive, probes, early = ReplicatedLog.link_statistics()
+        # Peer links are only touched on the tick thread.
+        logs[follower]._tick_calls.append(lambda: transport._connections[leader_node].disconnect())
+        deadline = time.monotonic() + 10
+        while ReplicatedLog.link_statistics()[1] == probes:
+            assert time.monotonic() < deadline, "the follower never probed the leader"
+            time.sleep(0.01)
+        time.sleep(2.0)
+        assert [lg.status().role for lg in logs].count("leader") == 1
+        assert logs[lead].status().role == "leader"
+        assert logs[lead].status().term == term
+        assert leader_node.address in logs[follower].status().connected
+        assert ReplicatedLog.link_statistics()[2] == early
