@@ -1154,6 +1154,8 @@ _LEADER = _psyncobj._RAFT_STATE.LEADER
 _FOLLOWER = _psyncobj._RAFT_STATE.FOLLOWER
 _POLL_WRITE = _ppoller.POLL_EVENT_TYPE.WRITE
 _POLL_ERROR = _ppoller.POLL_EVENT_TYPE.ERROR
+_GONE = (errno.ECONNREFUSED, errno.ECONNRESET)
+"""A leader probe's errors that prove nothing listens at the leader's address."""
 _apply_log_entries = _psyncobj.SyncObj._SyncObj__applyLogEntries
 _load_dump_file = _psyncobj.SyncObj._SyncObj__loadDumpFile
 _try_log_compaction = _psyncobj.SyncObj._SyncObj__tryLogCompaction
@@ -1270,19 +1272,24 @@ class _SyncObj(SyncObj):
         _on_node_connected(self, node)
 
     def _SyncObj__onNodeDisconnected(self, node: Any) -> None:
+        # pysyncobj also reports its failed reconnects here: only a link that was
+        # up is news.
+        was_up = node in self._SyncObj__connectedNodes
         self._sb_answered.pop(node, None)
         _on_node_disconnected(self, node)
-        if (node == self._SyncObj__raftLeader and self._SyncObj__raftState == _FOLLOWER
-                and self._sb_lost_step > 0):
+        if (was_up and node == self._SyncObj__raftLeader
+                and self._SyncObj__raftState == _FOLLOWER and self._sb_lost_step > 0):
             self._probe_leader(node)
 
     def _probe_leader(self, leader: Any) -> None:
         """The link to ``leader`` closed: connect to its address, without waiting.
 
         A refusal proves that nothing listens there any more: its process is
-        gone (``_leader_gone``). A connection that succeeds (a live leader whose
-        link merely dropped, or a hung one: its kernel still accepts), one that
-        gets no answer within an election timeout (a cut-off host), or any other
+        gone (``_leader_gone``); so does a reset, from a listener that closed
+        with the probe in its backlog (a live one does not reset a connection it
+        has not accepted). A connection that succeeds (a live leader whose link
+        merely dropped, or a hung one: its kernel still accepts), one that gets
+        no answer within an election timeout (a cut-off host), or any other
         error leaves the election timeout to decide, as before.
         """
         self._end_probe()
@@ -1300,7 +1307,7 @@ class _SyncObj(SyncObj):
             return
         if err != errno.EINPROGRESS:
             sock.close()
-            if err == errno.ECONNREFUSED:
+            if err in _GONE:
                 self._leader_gone(leader, term)
             return
         fd = sock.fileno()
@@ -1308,7 +1315,7 @@ class _SyncObj(SyncObj):
         def answered(_descr: int, _event: int) -> None:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self._end_probe()
-            if err == errno.ECONNREFUSED:
+            if err in _GONE:
                 self._leader_gone(leader, term)
 
         self._sb_probe = (sock, _psyncobj.monotonicTime() + self._SyncObj__conf.raftMaxTimeout)
@@ -1337,6 +1344,16 @@ class _SyncObj(SyncObj):
             self._SyncObj__raftElectionDeadline = turn
             _AppendEntriesSends.early_campaigns += 1
 
+    def _doDestroy(self) -> None:
+        """pysyncobj's, on the tick thread, but the listening socket closes
+        before the links do: a follower that probes this address on seeing its
+        link close must be refused, not accepted by a listener about to go."""
+        self._end_probe()
+        server = self._SyncObj__transport._server
+        if server is not None:
+            server.unbind()
+        super()._doDestroy()
+
     def _sb_tick(self, now: float) -> None:
         """After each tick, on the tick thread: give up a leader probe that got no
         answer in time, and keep idle links alive."""
@@ -1354,14 +1371,16 @@ class _SyncObj(SyncObj):
         leader loss closed the followers' link instead of going out, so that
         election took two terms and about twice as long. The leader's links
         carry its heartbeats and their answers. A peer that is gone still loses
-        its link to the timeout, as before.
+        its link to the timeout, as before. An older member sends none: its link
+        to this one closes about every ``connectionTimeout`` and is made again at
+        once (a rolling upgrade's cost).
         """
         if now < self._sb_alive_at or self._SyncObj__raftState == _LEADER:
             return
         self._sb_alive_at = now + self._SyncObj__conf.connectionTimeout / 4
         leader = self._SyncObj__raftLeader
         transport = self._SyncObj__transport
-        for node in self._SyncObj__otherNodes:
+        for node in tuple(self._SyncObj__connectedNodes):  # keys exchanged; a send may close
             if node != leader and transport.send(node, {"type": _ALIVE}):
                 _AppendEntriesSends.alive_sent += 1
 
@@ -1847,8 +1866,6 @@ class ReplicatedLog:
         thread = self._sync._SyncObj__thread
         if thread is not None:
             thread.join(max(0.0, deadline - time.monotonic()))
-        if self._sync._sb_probe is not None:
-            self._sync._sb_probe[0].close()
         while time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
