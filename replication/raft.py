@@ -1154,8 +1154,14 @@ _LEADER = _psyncobj._RAFT_STATE.LEADER
 _FOLLOWER = _psyncobj._RAFT_STATE.FOLLOWER
 _POLL_WRITE = _ppoller.POLL_EVENT_TYPE.WRITE
 _POLL_ERROR = _ppoller.POLL_EVENT_TYPE.ERROR
+_POLL_READ = _ppoller.POLL_EVENT_TYPE.READ
 _GONE = (errno.ECONNREFUSED, errno.ECONNRESET)
 """A leader probe's errors that prove nothing listens at the leader's address."""
+PROBE_HOLD = 0.1
+"""Seconds a leader probe that connected stays open. A killed process's kernel
+closes its files one by one: its listener may still take the probe after its
+links closed, and then resets it when it closes, within a millisecond here
+(bench/results/ab-20261128-s12/race.py.txt). A live leader keeps it open."""
 _apply_log_entries = _psyncobj.SyncObj._SyncObj__applyLogEntries
 _load_dump_file = _psyncobj.SyncObj._SyncObj__loadDumpFile
 _try_log_compaction = _psyncobj.SyncObj._SyncObj__tryLogCompaction
@@ -1285,12 +1291,12 @@ class _SyncObj(SyncObj):
         """The link to ``leader`` closed: connect to its address, without waiting.
 
         A refusal proves that nothing listens there any more: its process is
-        gone (``_leader_gone``); so does a reset, from a listener that closed
-        with the probe in its backlog (a live one does not reset a connection it
-        has not accepted). A connection that succeeds (a live leader whose link
-        merely dropped, or a hung one: its kernel still accepts), one that gets
-        no answer within an election timeout (a cut-off host), or any other
-        error leaves the election timeout to decide, as before.
+        gone (``_leader_gone``); so does a connection that is reset or closed
+        within ``PROBE_HOLD`` of being made, by a listener that closed with the
+        probe in its backlog (a dying process's). A connection that stays open
+        (a live leader whose link merely dropped, or a hung one: its kernel
+        still accepts), no answer within an election timeout (a cut-off host),
+        or any other error leaves the election timeout to decide, as before.
         """
         self._end_probe()
         term = self._SyncObj__raftCurrentTerm
@@ -1311,9 +1317,23 @@ class _SyncObj(SyncObj):
                 self._leader_gone(leader, term)
             return
         fd = sock.fileno()
+        up = False
 
         def answered(_descr: int, _event: int) -> None:
+            nonlocal up
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0 and not up:
+                up = True  # accepted: watch it for PROBE_HOLD
+                self._sb_probe = (sock, _psyncobj.monotonicTime() + PROBE_HOLD)
+                self._poller.subscribe(fd, answered, _POLL_READ | _POLL_ERROR)
+                return
+            if err == 0:
+                try:
+                    err = errno.ECONNRESET if sock.recv(1) == b"" else 0
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    err = e.errno or 0
             self._end_probe()
             if err in _GONE:
                 self._leader_gone(leader, term)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from replication.raft import RaftTimings, ReplicatedLog
+from replication.raft import PROBE_HOLD, RaftTimings, ReplicatedLog
 
 from .raftgroup import leader_of, propose_noop, raft_group
 
@@ -80,6 +80,41 @@ def test_a_killed_leader_is_replaced_without_waiting_for_the_election_timeout(
         # the closed leader stopped listening before its links closed.
         assert (probes_after - probes, early_after - early) == (2, 2)
 
+
+
+def test_a_leader_whose_listener_outlives_its_links_for_a_moment_counts_as_gone(
+        tmp_path: Path) -> None:
+    """A SIGKILLed process's kernel closes its files one by one: its listener may
+    take a follower's probe after the links closed, then resets it as it closes
+    (measured: bench/results/ab-20261128-s12/race.py.txt). Such a probe used to
+    count as a live leader, and the followers waited out their election
+    timeouts; a probe that is reset within ``PROBE_HOLD`` now counts as gone.
+    The leader here closes its links, then its listener a moment later."""
+    with raft_group(tmp_path, timings=_SLOW) as logs:
+        lead = leader_of(logs)
+        propose_noop(logs[lead], 1)
+        time.sleep(0.5)
+        term = logs[lead].status().term
+        sync = logs[lead]._sync
+        transport = sync._SyncObj__transport
+        destroy = sync._doDestroy
+
+        def dying() -> None:
+            for node in list(transport._nodes):
+                transport.dropNode(node)
+            time.sleep(PROBE_HOLD * 0.8)  # the followers' probes connect meanwhile
+            transport._server.unbind()
+            destroy()
+
+        sync._doDestroy = dying  # type: ignore[method-assign]  # called on its tick thread
+        _alive, probes, early = ReplicatedLog.link_statistics()
+        t0 = time.monotonic()
+        logs[lead].close()
+        new = _new_leader(logs, [k for k in range(3) if k != lead], timeout=20.0)
+        assert time.monotonic() - t0 < 3.0, "the followers waited for their election timeout"
+        assert logs[new].status().term == term + 1
+        _alive, probes_after, early_after = ReplicatedLog.link_statistics()
+        assert early_after > early, (probes_after - probes, early_after - early)
 
 def test_a_dropped_link_to_a_live_leader_starts_no_election(tmp_path: Path) -> None:
     """The follower's probe of a live leader's address connects: the leader is
