@@ -113,12 +113,12 @@ class RaftTimings:
     # against 3.0). An idle leader appends at once. 0 turns pacing off.
     entry_interval: float = 0.001
     # A follower whose link to the leader closes checks whether anything still
-    # listens at the leader's address. If the connection is refused (the leader's
-    # process is gone), it campaigns after ``rank * leader_lost_step`` (plus up to a
-    # third of a step at random; rank: its place among the other followers, by
-    # address) instead of a whole election timeout after the last heartbeat: the
-    # followers' bids are staggered so that they do not split the vote. 0 turns
-    # it off.
+    # listens at the leader's address. If the connection is refused, or reset
+    # within PROBE_HOLD (the leader's process is gone), it campaigns after
+    # ``rank * leader_lost_step`` (plus up to a third of a step at random; rank:
+    # its place among the other followers, by address) instead of a whole
+    # election timeout after the last heartbeat: the followers' bids are
+    # staggered so that they do not split the vote. 0 turns it off.
     leader_lost_step: float = 0.15
 
 
@@ -986,7 +986,7 @@ class _AppendEntriesSends:
     kept_ahead = 0  # answers that would have sent a follower's next index back
     alive_sent = 0  # keep-alives on links that carry no heartbeats (``_sb_keep_links_alive``)
     leader_probes = 0  # as follower: the leader's link closed, its address probed
-    early_campaigns = 0  # as follower: the probe was refused, the election brought forward
+    early_campaigns = 0  # as follower: the probe refused or reset, the election brought forward
 
 
 class _CompactionStarts:
@@ -1219,8 +1219,8 @@ class _SyncObj(SyncObj):
       alive (``_sb_keep_links_alive``), so that the first vote request after a
       quiet spell goes out instead of closing a stale link.
     - A follower whose link to the leader closes connects to the leader's
-      address; if that is refused (the leader's process is gone: its kernel
-      closed the links), it campaigns in its turn among the followers
+      address; if that is refused or reset at once (the leader's process is
+      gone: its kernel closed the links), it campaigns in its turn among the followers
       (``_leader_gone``) instead of a whole election timeout after the last
       heartbeat.
 
@@ -1861,7 +1861,7 @@ class ReplicatedLog:
     def link_statistics() -> tuple[int, int, int]:
         """(keep-alives this process sent on links without heartbeats, probes of a
         leader's address after its link closed, elections brought forward because
-        the probe was refused)."""
+        the probe was refused or reset)."""
         a = _AppendEntriesSends
         return a.alive_sent, a.leader_probes, a.early_campaigns
 
