@@ -143,7 +143,8 @@ class _NodeCollector(Collector):
         yield counter("raft_leader_probes", "Connections tried to the leader's address as "
                       "follower after the link to it closed", probes)
         yield counter("raft_early_campaigns", "Elections brought forward as follower because "
-                      "the leader's address refused a connection after its link closed", early)
+                      "the leader's address refused (or at once reset) a connection after its "
+                      "link closed", early)
         _starts, start_seconds, start_max = cs.compaction_starts
         yield counter("compaction_start_seconds", "Time compaction starts (the fork of the "
                       "snapshot child) held the Raft thread", start_seconds)

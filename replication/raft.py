@@ -984,6 +984,11 @@ class _AppendEntriesSends:
     quiet = 0  # commit-only sends skipped: the commit concerned no follower
     answers_skipped = 0  # as a follower
     kept_ahead = 0  # answers that would have sent a follower's next index back
+
+
+class _Links:
+    """This process's keep-alives and leader probes (``ReplicatedLog.link_statistics``)."""
+
     alive_sent = 0  # keep-alives on links that carry no heartbeats (``_sb_keep_links_alive``)
     leader_probes = 0  # as follower: the leader's link closed, its address probed
     early_campaigns = 0  # as follower: the probe refused or reset, the election brought forward
@@ -1241,7 +1246,8 @@ class _SyncObj(SyncObj):
         self._sb_quiet = False  # the commit just applied concerns no follower
         self._sb_alive_at = 0.0  # time.monotonic() of the next keep-alive round
         self._sb_lost_step = float(getattr(kwargs.get("conf"), "sb_leader_lost_step", 0.0))
-        self._sb_probe: tuple[socket.socket, float] | None = None  # (socket, give up at)
+        # (socket, give up at): pysyncobj's clock (CLOCK_MONOTONIC_RAW, not time.monotonic)
+        self._sb_probe: tuple[socket.socket, float] | None = None
         super().__init__(*args, **kwargs)
         self._start_grace()
         poller = self._poller
@@ -1305,7 +1311,7 @@ class _SyncObj(SyncObj):
             return
         sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
-        _AppendEntriesSends.leader_probes += 1
+        _Links.leader_probes += 1
         try:
             err = sock.connect_ex((ip, leader.port))
         except OSError:
@@ -1362,7 +1368,7 @@ class _SyncObj(SyncObj):
         turn = _psyncobj.monotonicTime() + step * (ids.index(me.id) + random.random() / 3)
         if turn < self._SyncObj__raftElectionDeadline:
             self._SyncObj__raftElectionDeadline = turn
-            _AppendEntriesSends.early_campaigns += 1
+            _Links.early_campaigns += 1
 
     def _doDestroy(self) -> None:
         """pysyncobj's, on the tick thread, but the listening socket closes
@@ -1402,7 +1408,7 @@ class _SyncObj(SyncObj):
         transport = self._SyncObj__transport
         for node in tuple(self._SyncObj__connectedNodes):  # keys exchanged; a send may close
             if node != leader and transport.send(node, {"type": _ALIVE}):
-                _AppendEntriesSends.alive_sent += 1
+                _Links.alive_sent += 1
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
         """pysyncobj's handler, less one step back: a follower's answer never moves
@@ -1862,8 +1868,7 @@ class ReplicatedLog:
         """(keep-alives this process sent on links without heartbeats, probes of a
         leader's address after its link closed, elections brought forward because
         the probe was refused or reset)."""
-        a = _AppendEntriesSends
-        return a.alive_sent, a.leader_probes, a.early_campaigns
+        return _Links.alive_sent, _Links.leader_probes, _Links.early_campaigns
 
     @staticmethod
     def recent_holds() -> list[tuple[float, str, float]]:

@@ -4,7 +4,7 @@ tests of the Raft layer alone, without nodes around it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,14 @@ def raft_group(tmp_path: Path, on_applied: Callable[[int], OnApplied] | None = N
             lg.close()
 
 
-def leader_of(logs: list[ReplicatedLog], timeout: float = 20.0) -> int:
-    """The index of the member that is leader (waits for one)."""
+def leader_of(logs: list[ReplicatedLog], timeout: float = 20.0,
+              among: Iterable[int] | None = None) -> int:
+    """The index of the member that is leader (waits for one), of those in
+    ``among`` if given (a closed member's last status may still say leader)."""
     deadline = time.monotonic() + timeout
     while True:
-        for k, lg in enumerate(logs):
-            if lg.status().role == "leader":
+        for k in range(len(logs)) if among is None else among:
+            if logs[k].status().role == "leader":
                 return k
         assert time.monotonic() < deadline, "no leader"
         time.sleep(0.05)

@@ -19,16 +19,6 @@ from .raftgroup import leader_of, propose_noop, raft_group
 pytestmark = [pytest.mark.integration]
 
 
-def _new_leader(logs: list[ReplicatedLog], others: list[int], timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        for k in others:
-            if logs[k].status().role == "leader":
-                return k
-        assert time.monotonic() < deadline, "no new leader"
-        time.sleep(0.005)
-
-
 def test_a_leader_lost_after_a_quiet_spell_is_replaced_in_one_term(tmp_path: Path) -> None:
     """After a spell longer than the connection timeout with only heartbeats,
     the followers' link to each other had read nothing for that long, so the
@@ -46,7 +36,7 @@ def test_a_leader_lost_after_a_quiet_spell_is_replaced_in_one_term(tmp_path: Pat
         time.sleep(3.0)  # > connection_timeout: heartbeats only
         term = logs[lead].status().term
         logs[lead].close()
-        new = _new_leader(logs, [k for k in range(3) if k != lead])
+        new = leader_of(logs, among=[k for k in range(3) if k != lead])
         assert logs[new].status().term == term + 1
 
 
@@ -63,7 +53,7 @@ def _close_leader_early(logs: list[ReplicatedLog], lead: int) -> tuple[int, int]
     _alive, probes, early = ReplicatedLog.link_statistics()
     t0 = time.monotonic()
     logs[lead].close()
-    new = _new_leader(logs, [k for k in range(3) if k != lead], timeout=20.0)
+    new = leader_of(logs, among=[k for k in range(3) if k != lead])
     assert time.monotonic() - t0 < 3.0, "the followers waited for their election timeout"
     assert logs[new].status().term == term + 1
     return probes, early
