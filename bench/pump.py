@@ -21,6 +21,7 @@ carrying it was read.
 
 from __future__ import annotations
 
+import random
 import select
 import socket
 import time
@@ -81,7 +82,11 @@ class _Conn:
         self.out = b""  # what the socket did not take yet
         self.pending: dict[int, float] = {}  # rid -> scheduled send time
         self.rid = 1
-        self.cmid = 1
+        # A user's send is identified by its cmid among the user's recent sends (a
+        # repeat is a retry: answered, not applied again), so cmids must not repeat
+        # across pumps that log in the same users: a random 30-bit prefix, as the
+        # client library does.
+        self.cmid = (random.getrandbits(30) << 24) + 1
         self.acks: list[int] = []
         self.last_tx = time.perf_counter()
         self.closed = False

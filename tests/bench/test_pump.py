@@ -78,6 +78,26 @@ def test_the_closed_loop_keeps_a_window_in_flight(
         burst.close()
 
 
+def test_a_second_run_with_the_same_users_sends_new_messages(
+        make_cluster: Callable[..., Cluster]) -> None:
+    """A send is identified by its cmid among its user's recent sends (a repeat is
+    a retry, answered with the first message's id and not delivered again): a
+    second pump logging in the same users must not repeat the first one's cmids."""
+    c = make_cluster(1)
+    for _run in range(2):
+        burst, senders, recipients = _pairs(c, 2)
+        try:
+            pump = MessagePump(senders, recipients, ack_every=0.05)
+            t0 = time.perf_counter()
+            pump.run(rate=100.0, window=0, measure_from=t0, measure_to=t0 + 0.5, drain=5.0)
+            st = pump.stats
+            assert st.committed == st.sent > 0 and st.failures.errors == {}
+            assert st.delivered == st.committed and st.undelivered(dropped=False) == 0
+            burst.logout(timeout=10.0)
+        finally:
+            burst.close()
+
+
 def test_a_lost_recipient_is_counted_apart_and_the_run_still_ends(
         make_cluster: Callable[..., Cluster]) -> None:
     """A recipient whose connection goes away keeps its messages in its mailbox:
