@@ -222,18 +222,49 @@ class _BackgroundCut:
 
 class _JournalFile(_pjournal.ResizableFile):
     """pysyncobj's journal file, written with ``pwrite`` instead of through its
-    shared mapping (reads still use the mapping: both see the same page cache).
+    shared mapping (reads still use the mapping: both see the same page cache),
+    and grown with written zeros instead of holes.
 
     An fsync after stores through a shared mapping took longer here than one
     after the same bytes written with pwrite, most of all with every member
     syncing at the same moment, as a Raft group does.
+
+    pysyncobj grows the file by resizing its mapping, which leaves a hole: the
+    next records written there allocate blocks, and each sync then waits for
+    ext4 to commit that to its own journal (its ``jbd2`` thread, one more
+    thread to wake on a busy machine). Here the file is extended with zeros,
+    synced once, so that a record's sync is a ``fdatasync`` of data only
+    (``_DurableFileJournal._sync``): quicker, most of all on a busy machine,
+    and commits with it (docs/benchmarks.md, thirteenth session). It grows by
+    doubling, at most ``GROW_MAX`` at a time, so that one growth (zeros
+    written and synced: about 2 ms for 2 MiB here) never holds the tick
+    thread long.
     """
 
+    GROW_MAX = 2 << 20
+    _ZEROS = bytes(1 << 20)
+    sync_growth = True  # off with the journal's fsync (--no-fsync)
+
     def write(self, offset: int, values: bytes) -> None:
-        if offset + len(values) > self._ResizableFile__mm.size():
-            super().write(offset, values)  # grows the file and its mapping first
-            return
+        end = offset + len(values)
+        if end > self._ResizableFile__mm.size():
+            self._grow(end)
         os.pwrite(self._ResizableFile__f.fileno(), values, offset)
+
+    def _grow(self, end: int) -> None:
+        t0 = time.monotonic()
+        fd = self._ResizableFile__f.fileno()
+        size = os.fstat(fd).st_size
+        new = max(end, size + min(max(size, 4096), self.GROW_MAX))
+        pos = size
+        while pos < new:
+            pos += os.pwrite(fd, self._ZEROS[:min(len(self._ZEROS), new - pos)], pos)
+        if self.sync_growth:
+            os.fsync(fd)
+        self._ResizableFile__mm.resize(new)  # the file is that long already: a remap
+        took = time.monotonic() - t0
+        if took >= SLOW_FSYNC:
+            _events.append((t0, "grow", took))
 
 
 class _DurableFileJournal(_pjournal.FileJournal):
@@ -282,6 +313,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
         super().__init__(journal_file)
         # pysyncobj builds its own file object; ours only changes how it writes.
         self._FileJournal__journalFile.__class__ = _JournalFile  # type: ignore[has-type]
+        self._FileJournal__journalFile.sync_growth = fsync  # type: ignore[has-type]
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
@@ -302,7 +334,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
             return
         f = self._FileJournal__journalFile._ResizableFile__f
         t0 = time.monotonic()
-        os.fsync(f.fileno())
+        os.fdatasync(f.fileno())  # the file's size and blocks change only in _grow
         took = time.monotonic() - t0
         _DurableFileJournal.fsync_seconds += took
         _DurableFileJournal.fsync_count += 1
@@ -446,6 +478,7 @@ class _DurableFileJournal(_pjournal.FileJournal):
         threading.Thread(target=_retire, args=(mm, rf._ResizableFile__f),
                          name="journal-close", daemon=True).start()
         self._FileJournal__journalFile = _JournalFile(bg.path)
+        self._FileJournal__journalFile.sync_growth = self._fsync
         self._FileJournal__currentOffset = new_end
         self._live_from = _pjournal.FIRST_RECORD_OFFSET + max(0, self._live_from - bg.start)
         _DurableFileJournal.cut_copy_seconds += bg.seconds
@@ -1005,7 +1038,7 @@ class _CompactionStarts:
 _events: deque[tuple[float, str, float]] = deque(maxlen=1024)
 """This process's latest holds of a tick thread by compaction, a slow fsync or
 a slow apply: (time.monotonic() at the start, "fork" / "cut" / "cut-finish" /
-"fsync" / "apply", seconds), to set beside latency spikes."""
+"fsync" / "grow" / "apply", seconds), to set beside latency spikes."""
 
 SLOW_APPLY = 0.02
 """An entry whose application holds the tick thread this long (seconds) or more
@@ -1874,7 +1907,7 @@ class ReplicatedLog:
     def recent_holds() -> list[tuple[float, str, float]]:
         """This process's latest holds of the tick thread, by compaction or a slow
         fsync or apply: (time.monotonic() at the start, "fork" / "cut" /
-        "cut-finish" / "fsync" / "apply", seconds)."""
+        "cut-finish" / "fsync" / "grow" / "apply", seconds)."""
         return list(_events)
 
     @staticmethod

@@ -314,15 +314,15 @@ def test_a_slow_fsync_is_noted_among_the_holds(tmp_path: Path,
     """A journal fsync of ``SLOW_FSYNC`` or more shows in ``recent_holds`` (kind
     "fsync", with when it began and how long it took), beside forks and cuts, so
     a latency spike can be set beside it; quick ones do not."""
-    fsync = os.fsync
+    fdatasync = os.fdatasync
     slow = {"on": False}
 
     def disk(fd: int) -> None:  # a disk that takes 30 ms to flush while "on"
         if slow["on"]:
             time.sleep(0.03)
-        fsync(fd)
+        fdatasync(fd)
 
-    monkeypatch.setattr(raft.os, "fsync", disk)
+    monkeypatch.setattr(raft.os, "fdatasync", disk)
     monkeypatch.setattr(raft, "_events", deque(maxlen=1024))
     j = _journal(tmp_path / "raft.journal", 5)
     assert [k for _, k, _ in raft.ReplicatedLog.recent_holds()] == []
@@ -359,3 +359,45 @@ def test_a_slow_entry_is_noted_among_the_holds(monkeypatch: pytest.MonkeyPatch) 
     assert [k for _, k, _ in holds] == ["apply"]
     began, _kind, seconds = holds[0]
     assert t0 <= began <= t0 + 0.01 and 0.03 <= seconds < 1.0
+
+
+def test_the_journal_grows_by_written_zeros_and_syncs_records_data_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pysyncobj grew the file by resizing its mapping: a hole, so that every
+    record synced later allocated blocks and waited for the file system's own
+    journal commit. The file now grows by zeros written and synced once (no
+    hole: its blocks cover its size, also after a cut replaced it), and a
+    record is synced with ``fdatasync``; the journal reads back the same."""
+    calls: list[str] = []
+    fsync, fdatasync = os.fsync, os.fdatasync
+
+    def full(fd: int) -> None:
+        calls.append("fsync")
+        fsync(fd)
+
+    def data(fd: int) -> None:
+        calls.append("fdatasync")
+        fdatasync(fd)
+
+    monkeypatch.setattr(raft.os, "fsync", full)
+    monkeypatch.setattr(raft.os, "fdatasync", data)
+    path = tmp_path / "raft.journal"
+
+    def no_hole() -> bool:
+        st = os.stat(path)
+        return st.st_blocks * 512 >= st.st_size
+
+    j = _journal(path, 400)
+    assert os.stat(path).st_size > 16_384 and no_hole()
+    assert calls.count("fdatasync") == 400
+    assert 0 < calls.count("fsync") < 20  # one per growth (doubling), none per record
+    j.deleteEntriesTo(390)
+    j.wait_cut()
+    for i in range(401, 601):
+        j.add(b"after the cut " * 20, i, 9)
+    assert no_hole()
+    want = _entries(j)
+    j._destroy()
+    again = _journal(path)
+    assert _entries(again) == want and len(want) == 210
+    again._destroy()
