@@ -247,21 +247,30 @@ class _JournalFile(_pjournal.ResizableFile):
 
     def write(self, offset: int, values: bytes) -> None:
         end = offset + len(values)
-        if end > self._ResizableFile__mm.size():
+        if end > len(self._ResizableFile__mm):  # the mapping's length (size() is the file's)
             self._grow(end)
         os.pwrite(self._ResizableFile__f.fileno(), values, offset)
 
     def _grow(self, end: int) -> None:
         t0 = time.monotonic()
         fd = self._ResizableFile__f.fileno()
+        mm = self._ResizableFile__mm
         size = os.fstat(fd).st_size
         new = max(end, size + min(max(size, 4096), self.GROW_MAX))
         pos = size
-        while pos < new:
-            pos += os.pwrite(fd, self._ZEROS[:min(len(self._ZEROS), new - pos)], pos)
-        if self.sync_growth:
-            os.fsync(fd)
-        self._ResizableFile__mm.resize(new)  # the file is that long already: a remap
+        try:
+            while pos < new:
+                wrote = os.pwrite(fd, self._ZEROS[:min(len(self._ZEROS), new - pos)], pos)
+                if wrote <= 0:
+                    raise OSError(errno.EIO, "journal: a write of zeros wrote nothing")
+                pos += wrote
+            if self.sync_growth:
+                os.fsync(fd)
+        finally:
+            # Even after a failure (a full disk, say) the mapping covers the whole
+            # file, zeros written so far included: records written there later must
+            # read back whole.
+            mm.resize(max(os.fstat(fd).st_size, len(mm)))
         took = time.monotonic() - t0
         if took >= SLOW_FSYNC:
             _events.append((t0, "grow", took))
@@ -334,7 +343,10 @@ class _DurableFileJournal(_pjournal.FileJournal):
             return
         f = self._FileJournal__journalFile._ResizableFile__f
         t0 = time.monotonic()
-        os.fdatasync(f.fileno())  # the file's size and blocks change only in _grow
+        # Data only: records go into space _JournalFile._grow wrote and synced (a
+        # journal written by an older version keeps its holes until its next cut:
+        # still durable, fdatasync then commits the allocation too).
+        os.fdatasync(f.fileno())
         took = time.monotonic() - t0
         _DurableFileJournal.fsync_seconds += took
         _DurableFileJournal.fsync_count += 1

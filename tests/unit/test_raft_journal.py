@@ -3,6 +3,7 @@ file: compaction's cut and the start-up load of the dump (no cluster needed)."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import mmap
 import os
@@ -401,3 +402,33 @@ def test_the_journal_grows_by_written_zeros_and_syncs_records_data_only(
     again = _journal(path)
     assert _entries(again) == want and len(want) == 210
     again._destroy()
+
+
+def test_a_growth_that_fails_halfway_leaves_every_record_readable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk in the middle of extending the file: the write that needed the
+    room fails, but the mapping still covers every byte the file holds, so the
+    records written after the disk has room again read back whole (the mapping
+    had stayed short of the zeros already written, and reads through it were cut)."""
+    monkeypatch.setattr(raft._JournalFile, "_ZEROS", bytes(1024))
+    pwrite = os.pwrite
+    zero_writes = {"n": 0}
+
+    def disk(fd: int, data: bytes, offset: int) -> int:
+        if data == bytes(len(data)) and len(data) == 1024:
+            zero_writes["n"] += 1
+            if zero_writes["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(raft.os, "pwrite", disk)
+    f = raft._JournalFile(str(tmp_path / "raft.journal"), defaultContent=bytes(16))
+    f.write(0, b"a" * 1000)
+    with pytest.raises(OSError):
+        f.write(1000, b"b" * 1000)  # grows by 4 KiB in 1 KiB writes; the second fails
+    assert len(f._ResizableFile__mm) == os.stat(tmp_path / "raft.journal").st_size
+    f.write(1000, b"b" * 1000)  # room again: fits in the zeros already written
+    assert f.read(1000, 1000) == b"b" * 1000
+    f.write(2000, b"c" * 6000)  # and a growth after them
+    assert f.read(0, 8000) == b"a" * 1000 + b"b" * 1000 + b"c" * 6000
+    f._destroy()
