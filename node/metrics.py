@@ -108,8 +108,8 @@ class _NodeCollector(Collector):
         yield counter("batches_gapped", "This node's batches refused because an earlier one "
                       "was lost (proposed again, in order)", cs.batches_gapped)
         yield counter("request_timeouts", "Requests answered 'unavailable'", cs.timeouts)
-        yield counter("journal_fsyncs", "fsync calls on the Raft journal", cs.fsyncs)
-        yield counter("journal_fsync_seconds", "Time spent in journal fsync", cs.fsync_seconds)
+        yield counter("journal_fsyncs", "Syncs of the Raft journal's records", cs.fsyncs)
+        yield counter("journal_fsync_seconds", "Time spent in those syncs", cs.fsync_seconds)
         skipped, replaced, _resent = cs.rewrites
         yield counter("journal_resent_skipped", "Re-sent log entries already in place "
                       "(not rewritten)", skipped)

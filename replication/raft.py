@@ -281,8 +281,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
 
     Durability: pysyncobj writes its journal through mmap and never syncs it; an
     entry a follower acknowledged could vanish with a power loss. Here every
-    change is fsynced before pysyncobj acknowledges it (one fsync per group-commit
-    batch per node) unless ``fsync`` is off.
+    change is synced before pysyncobj acknowledges it (one ``fdatasync`` per
+    group-commit entry per node) unless ``fsync`` is off.
 
     Rewrites: when a leader re-sends entries a follower already has (it does so
     whenever more than one entry is in flight), pysyncobj truncates the follower's

@@ -217,14 +217,26 @@ async def test_killing_a_worker_moves_its_clients_and_the_node_serves_on(
                     mid = await bob.send(s.user, "still there?")
                     m = await _next_of(s, Message)
                     assert m.id == mid
-            # n1 serves new clients (on both workers, including the restarted one).
+            # n1 serves new clients (on both workers, including the restarted one). The
+            # kernel spreads connections over the workers' listeners by a hash of the
+            # address pair: a dozen all on one of two happens about once in 2,000 runs
+            # (a CI run did), so up to two more dozen connect before that is a failure.
             async with AsyncExitStack() as stack:
-                for k in range(12):
-                    s = await stack.enter_async_context(client.connect(
-                        [addr["n1"]], user=f"late{k}", token=c.token(f"late{k}")))
-                    assert s.node_id == "n1"
-                await _wait_status(c, "n1", lambda s: all(
-                    w["connections"] > 0 for w in s["workers"]) and s["connections"] == 12)
+                late = 0
+                for _dozen in range(3):
+                    for _ in range(12):
+                        s = await stack.enter_async_context(client.connect(
+                            [addr["n1"]], user=f"late{late}", token=c.token(f"late{late}")))
+                        assert s.node_id == "n1"
+                        late += 1
+                    def all_in(st: dict[str, Any], n: int = late) -> bool:
+                        return st["connections"] == n and sum(
+                            w["connections"] for w in st["workers"]) == n
+
+                    st = await _wait_status(c, "n1", all_in)
+                    if all(w["connections"] > 0 for w in st["workers"]):
+                        break
+                assert all(w["connections"] > 0 for w in st["workers"]), st["workers"]
 
 
 async def test_drain_with_workers(make_cluster: Callable[..., Cluster]) -> None:
