@@ -85,8 +85,10 @@ and the followers then fail to unpickle it on every re-send (the cluster stops
 committing)."""
 
 SLOW_FSYNC = 0.005
-"""A journal fsync this long or longer is noted among the tick thread's holds
-(``recent_holds``, kind "fsync"): on the leader, every commit waits it out."""
+"""A journal sync this long or longer is noted among the tick thread's holds
+(``recent_holds``, kind "fsync"): on the leader, every commit waits it out. So
+is a growth of the journal file that long (kind "grow": zeros written and
+synced, ``_JournalFile._grow``)."""
 
 
 @dataclass(frozen=True)
