@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pysyncobj.journal as _pjournal
 import pysyncobj.poller as _ppoller
@@ -89,6 +89,39 @@ SLOW_FSYNC = 0.005
 (``recent_holds``, kind "fsync"): on the leader, every commit waits it out. So
 is a growth of the journal file that long (kind "grow": zeros written and
 synced, ``_JournalFile._grow``)."""
+
+
+STORAGE_FAILURE_EXIT = 74
+"""The exit status of a node whose Raft journal or term/vote file could not be
+written or synced (``EX_IOERR``): see ``storage_failed``."""
+
+
+def _exit_on_storage_failure(what: str, error: OSError) -> NoReturn:
+    log.critical("the Raft journal could not %s (%s): this node stops now; its files "
+                 "hold what it synced, and a restart replays them", what, error)
+    with contextlib.suppress(Exception):
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+    os._exit(STORAGE_FAILURE_EXIT)
+
+
+storage_failed: Callable[[str, OSError], NoReturn] = _exit_on_storage_failure
+"""Called on the thread that failed to write or sync the journal (or the term and
+vote), instead of letting the ``OSError`` reach pysyncobj: fail-stop, as etcd's
+WAL does. pysyncobj has already put the entry in its log in memory and would
+carry on, so a follower would acknowledge entries it never stored (and have a
+hole in its journal after a restart), and after a failed sync the page cache no
+longer says what is on disk. Exiting at once keeps exactly what was synced,
+which is all this node acknowledged. Tests replace it with one that raises."""
+
+
+@contextlib.contextmanager
+def _storing(what: str) -> Iterator[None]:
+    """Journal I/O inside may fail only by stopping the node (``storage_failed``)."""
+    try:
+        yield
+    except OSError as e:
+        storage_failed(what, e)
 
 
 @dataclass(frozen=True)
@@ -348,7 +381,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
         # Data only: records go into space _JournalFile._grow wrote and synced (a
         # journal written by an older version keeps its holes until its next cut:
         # still durable, fdatasync then commits the allocation too).
-        os.fdatasync(f.fileno())
+        with _storing("sync its records"):
+            os.fdatasync(f.fileno())
         took = time.monotonic() - t0
         _DurableFileJournal.fsync_seconds += took
         _DurableFileJournal.fsync_count += 1
@@ -359,7 +393,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
         """Carry out a deferred truncation."""
         cut, self._cut = self._cut, None
         if cut is not None and cut < super().__len__():
-            super().deleteEntriesFrom(cut)
+            with _storing("truncate the log"):
+                super().deleteEntriesFrom(cut)
             if self._bg is not None and self._FileJournal__currentOffset < self._bg.end:
                 self._bg.stale = True  # the copy holds records no longer in the log
             self._sync()
@@ -380,7 +415,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
                     log.warning("replacing log entry %d (term %d) with one of term %d",
                                 idx, have[2], term)
             self._settle()
-        super().add(command, idx, term)
+        with _storing("append an entry"):
+            super().add(command, idx, term)
         if self._deferring:
             self._unsynced = True
         else:
@@ -395,7 +431,8 @@ class _DurableFileJournal(_pjournal.FileJournal):
         if self._rebase is not None:
             self._rebase_cleared = True  # decided once both entries are added
             return
-        super().clear()
+        with _storing("clear the log"):
+            super().clear()
         self._forget_cut()
         self._sync()
 
@@ -476,23 +513,31 @@ class _DurableFileJournal(_pjournal.FileJournal):
         rf: Any = self._FileJournal__journalFile  # type: ignore[has-type]
         mm = rf._ResizableFile__mm
         new_end = _pjournal.FIRST_RECORD_OFFSET + (end - bg.start)
-        with open(bg.tmp, "r+b") as out:
-            out.seek(_pjournal.FIRST_RECORD_OFFSET + (bg.end - bg.start))
-            out.write(mm[bg.end:end])
-            out.seek(_pjournal.LAST_RECORD_OFFSET_OFFSET)
-            out.write(struct.pack("<I", new_end))
-            out.flush()
+        try:
+            with open(bg.tmp, "r+b") as out:
+                out.seek(_pjournal.FIRST_RECORD_OFFSET + (bg.end - bg.start))
+                out.write(mm[bg.end:end])
+                out.seek(_pjournal.LAST_RECORD_OFFSET_OFFSET)
+                out.write(struct.pack("<I", new_end))
+                out.flush()
+                if self._fsync:
+                    os.fsync(out.fileno())
+        except OSError as e:  # the old file is still whole and synced: keep it
+            with contextlib.suppress(OSError):
+                os.unlink(bg.tmp)
+            log.warning("journal cut abandoned: %s", e)
+            return False
+        with _storing("finish a cut"):
             if self._fsync:
-                os.fsync(out.fileno())
-        if self._fsync:
-            _durable_replace(bg.tmp, bg.path)
-        else:
-            os.replace(bg.tmp, bg.path)
+                _durable_replace(bg.tmp, bg.path)
+            else:
+                os.replace(bg.tmp, bg.path)
+            new_file = _JournalFile(bg.path)
+        new_file.sync_growth = self._fsync
         # The old file is gone: its unwritten pages need no flush.
         threading.Thread(target=_retire, args=(mm, rf._ResizableFile__f),
                          name="journal-close", daemon=True).start()
-        self._FileJournal__journalFile = _JournalFile(bg.path)
-        self._FileJournal__journalFile.sync_growth = self._fsync
+        self._FileJournal__journalFile = new_file
         self._FileJournal__currentOffset = new_end
         self._live_from = _pjournal.FIRST_RECORD_OFFSET + max(0, self._live_from - bg.start)
         _DurableFileJournal.cut_copy_seconds += bg.seconds
@@ -547,10 +592,11 @@ class _DurableFileJournal(_pjournal.FileJournal):
 
     def _replace_all(self, entries: list[tuple[bytes, int, int]]) -> None:
         """pysyncobj's clear and re-add, as it meant them: the journal is ``entries``."""
-        super().clear()
-        self._forget_cut()
-        for e in entries:
-            super().add(*e)
+        with _storing("rewrite the log"):
+            super().clear()
+            self._forget_cut()
+            for e in entries:
+                super().add(*e)
         self._sync()
 
     def __getitem__(self, item: Any) -> Any:
@@ -599,16 +645,17 @@ class _DurableMetaStorer(_pjournal.MetaStorer):
     def storeMeta(self, meta: dict[str, Any]) -> None:
         path = self.getPath()
         tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(_pjournal.dumps(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        with _storing("store the term and vote"):
+            with open(tmp, "wb") as f:
+                f.write(_pjournal.dumps(meta))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
 
 # --- peer transport: one AEAD per frame, no compression ---------------------------------
@@ -1701,7 +1748,8 @@ class _SyncObj(SyncObj):
             self._SyncObj__raftLog.add(entry, idx, term)
             self._sb_last_append = time.monotonic()
         except Exception:
-            # Not appended (a full disk, say): every proposer learns it, none waits.
+            # A storage failure stops the node before this (``storage_failed``);
+            # anything else raised here is a bug: no proposer is left waiting.
             for callback in waiters:
                 self._SyncObj__callErrCallback(FAIL_REASON.DISCARDED, callback)
             raise

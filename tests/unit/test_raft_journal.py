@@ -9,6 +9,8 @@ import mmap
 import os
 import random
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -432,3 +434,146 @@ def test_a_growth_that_fails_halfway_leaves_every_record_readable(
     f.write(2000, b"c" * 6000)  # and a growth after them
     assert f.read(0, 8000) == b"a" * 1000 + b"b" * 1000 + b"c" * 6000
     f._destroy()
+
+
+class _Stopped(Exception):
+    """What the test's ``storage_failed`` raises instead of ending the process."""
+
+
+def test_a_journal_write_or_sync_that_fails_stops_the_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk or an I/O error on the journal is a fail-stop
+    (``raft.storage_failed``, which exits the process), never an ``OSError``
+    left to pysyncobj: it catches it on its tick thread and carries on with the
+    entry already in its log in memory, so a follower would acknowledge entries
+    it never stored, and after a restart its journal would have a hole. What was
+    synced before the failure reads back whole."""
+    stops: list[tuple[str, int | None]] = []
+
+    def stop(what: str, error: OSError) -> None:
+        stops.append((what, error.errno))
+        raise _Stopped
+
+    monkeypatch.setattr(raft, "storage_failed", stop)
+    path = tmp_path / "raft.journal"
+    j = _journal(path, 40)
+    synced = _entries(j)
+    pwrite = os.pwrite
+
+    def full_disk(fd: int, data: bytes, offset: int) -> int:
+        if data == bytes(len(data)):  # the zeros of a growth
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(raft.os, "pwrite", full_disk)
+    with pytest.raises(_Stopped):
+        for i in range(41, 2000):
+            j.add(b"x" * 200, i, 2)
+            synced.append((b"x" * 200, i, 2))
+    assert stops == [("append an entry", errno.ENOSPC)]
+    monkeypatch.setattr(raft.os, "pwrite", pwrite)
+
+    def failed_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    fdatasync = os.fdatasync
+    monkeypatch.setattr(raft.os, "fdatasync", failed_sync)
+    with pytest.raises(_Stopped):
+        j.add(b"never synced", 5000, 3)
+    assert stops[-1] == ("sync its records", errno.EIO)
+    monkeypatch.setattr(raft.os, "fdatasync", fdatasync)
+    again = raft._DurableFileJournal(str(path), True)
+    # Written, not synced: here the page cache still has it; after a power loss
+    # it may be gone, and nobody was told it was stored.
+    assert _entries(again) == [*synced, (b"never synced", 5000, 3)]
+    again._destroy()
+    j._destroy()
+
+
+def test_a_cut_whose_copy_cannot_be_finished_is_abandoned_and_one_not_renamed_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finishing a cut's copy can fail while the old journal is still whole and
+    synced: the cut is abandoned and the node goes on with the old file. Once
+    the copy is being renamed over the journal, a failure leaves the outcome
+    unknown: the node stops."""
+    stops: list[str] = []
+
+    def stop(what: str, error: OSError) -> None:
+        stops.append(what)
+        raise _Stopped
+
+    monkeypatch.setattr(raft, "storage_failed", stop)
+    path = tmp_path / "raft.journal"
+    j = _journal(path, 300)
+    whole = _entries(j)
+    j.deleteEntriesTo(120)
+    assert j._bg is not None
+    j._bg.done.wait(10)
+    fsync = os.fsync
+
+    def failed_fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(raft.os, "fsync", failed_fsync)
+    j.add(b"after the abandoned cut", 301, 7)  # its sync finishes the cut first
+    monkeypatch.setattr(raft.os, "fsync", fsync)
+    assert stops == [] and j._bg is None and not (tmp_path / "raft.journal.cut").exists()
+    assert _entries(j) == [*whole[120:], (b"after the abandoned cut", 301, 7)]
+    j._destroy()
+    again = _journal(path)  # the old file, whole, and the entry after it
+    assert _entries(again) == [*whole, (b"after the abandoned cut", 301, 7)]
+
+    again.deleteEntriesTo(150)
+    assert again._bg is not None
+    again._bg.done.wait(10)
+
+    def failed_replace(src: str, dst: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(raft, "_durable_replace", failed_replace)
+    with pytest.raises(_Stopped):
+        again.add(b"after the failed rename", 302, 7)
+    assert stops == ["finish a cut"]
+
+
+def test_the_term_and_vote_not_stored_stop_the_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A term or vote that cannot be made durable must not be acted on (Raft
+    §5.1): the node stops instead of voting on."""
+    stops: list[str] = []
+
+    def stop(what: str, error: OSError) -> None:
+        stops.append(what)
+        raise _Stopped
+
+    monkeypatch.setattr(raft, "storage_failed", stop)
+    meta = raft._DurableMetaStorer(str(tmp_path / "raft.journal.meta"))
+    meta.storeMeta({"currentTerm": 3, "votedForNodeId": "a"})
+
+    def failed_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(raft.os, "fsync", failed_fsync)
+    with pytest.raises(_Stopped):
+        meta.storeMeta({"currentTerm": 4, "votedForNodeId": "b"})
+    assert stops == ["store the term and vote"]
+
+
+def test_the_default_on_a_storage_failure_is_to_exit_at_once() -> None:
+    """The real ``storage_failed``: one critical line, then exit status 74
+    (``EX_IOERR``) without unwinding (no ``finally``, no ``atexit``)."""
+    code = ("import atexit, errno, logging, sys\n"
+            "import replication.raft as raft\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "atexit.register(lambda: print('atexit ran'))\n"
+            "try:\n"
+            "    raft.storage_failed('append an entry', OSError(errno.ENOSPC, 'full'))\n"
+            "finally:\n"
+            "    print('finally ran')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == raft.STORAGE_FAILURE_EXIT == 74
+    assert "ran" not in out.stdout
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("CRITICAL:replication.raft:")
+    assert "could not append an entry" in lines[0] and "stops now" in lines[0]
