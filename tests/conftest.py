@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cluster.adminclient import admin_call
 from cluster.launcher import LocalCluster
+from cluster.membership import ClusterAdmin
 from cluster.ports import free_base_port
 from node.auth import issue_token
 
@@ -21,6 +23,13 @@ TEST_NODE_ARGS = ["--client-heartbeat", "2", "--log-level", "info"]
 class Cluster(LocalCluster):
     def token(self, user: str, ttl: float = 3600) -> str:
         return issue_token(self.keys.token, user, ttl)
+
+    def digests(self) -> set[str]:
+        """Every member's table digest at one checkpoint (one element: replicas agree)."""
+        leader = ClusterAdmin([s.admin for s in self.members()], self.keys).leader()
+        cp = admin_call(leader["admin"], self.keys, "checkpoint", timeout=15)
+        return {admin_call(s.admin, self.keys, "digest", {"tag": cp["tag"], "timeout": 30},
+                           timeout=35)["digest"] for s in self.members()}
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import client
 from chaos.checker import check_messages, check_order
 from chaos.history import History
 from chaos.workload import WorkloadClient, WorkloadConfig
-from cluster.adminclient import admin_call
 from replication.raft import STORAGE_FAILURE_EXIT
 from tests.conftest import IN_CI, Cluster
 
@@ -49,13 +48,6 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[Path, str], None]]:
     yield mount
     for path in mounted:
         subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
-
-
-def _digests(c: Cluster) -> set[str]:
-    leader = next(s for s in c.members() if c.status(s.id).get("role") == "leader")
-    cp = admin_call(leader.admin, c.keys, "checkpoint", timeout=15)
-    return {admin_call(s.admin, c.keys, "digest", {"tag": cp["tag"], "timeout": 30},
-                       timeout=35)["digest"] for s in c.members()}
 
 
 async def test_a_node_whose_disk_fills_stops_and_loses_nothing_acknowledged(
@@ -115,4 +107,4 @@ async def test_a_node_whose_disk_fills_stops_and_loses_nothing_acknowledged(
     assert messages.acked > 50
     assert messages.valid, messages.anomalies
     assert order.valid, order.anomalies
-    assert len(await trio.to_thread.run_sync(_digests, c)) == 1
+    assert len(await trio.to_thread.run_sync(c.digests)) == 1

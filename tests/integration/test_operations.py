@@ -38,14 +38,6 @@ def _start_joiner(c: Cluster) -> str:
     return spec.id
 
 
-def _digests(c: Cluster) -> set[str]:
-    ca = _admin(c)
-    leader = ca.leader()
-    cp = admin_call(leader["admin"], c.keys, "checkpoint", timeout=15)
-    return {admin_call(s.admin, c.keys, "digest", {"tag": cp["tag"], "timeout": 30},
-                       timeout=35)["digest"] for s in c.members()}
-
-
 async def test_grow_shrink_and_replace_the_leader_under_load(
         make_cluster: Callable[..., Cluster]) -> None:
     """3 → 5 → 3 members, then the leader replaced by a fresh node, while clients
@@ -103,7 +95,7 @@ async def test_grow_shrink_and_replace_the_leader_under_load(
     assert order.valid, order.anomalies
     final = _admin(c).leader()
     assert len(final["members"]) == 3
-    assert len(await trio.to_thread.run_sync(_digests, c)) == 1
+    assert len(await trio.to_thread.run_sync(c.digests)) == 1
 
 
 async def test_drain_moves_clients_and_keeps_their_sessions(
