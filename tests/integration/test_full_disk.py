@@ -53,7 +53,7 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[Path, str], None]]:
 async def test_a_node_whose_disk_fills_stops_and_loses_nothing_acknowledged(
         make_cluster: Callable[..., Cluster], small_disk: Callable[[Path, str], None]) -> None:
     """n3's Raft journal lives on a 1 MiB tmpfs. Under load the journal needs more
-    room than that: n3 logs one critical line and exits with status 74 rather
+    room than that: n3 logs a critical line and exits with status 74 rather
     than acknowledging entries it could not store; the other two carry on and
     the clients it held move to them. With room again, n3 restarts, catches up
     and ends identical to the others; no acknowledged message is lost,
