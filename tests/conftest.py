@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trio
 
+from chaos.workload import WorkloadClient
 from cluster.adminclient import admin_call
 from cluster.launcher import LocalCluster
 from cluster.membership import ClusterAdmin
@@ -28,8 +31,29 @@ class Cluster(LocalCluster):
         """Every member's table digest at one checkpoint (one element: replicas agree)."""
         leader = ClusterAdmin([s.admin for s in self.members()], self.keys).leader()
         cp = admin_call(leader["admin"], self.keys, "checkpoint", timeout=15)
-        return {admin_call(s.admin, self.keys, "digest", {"tag": cp["tag"], "timeout": 30},
-                           timeout=35)["digest"] for s in self.members()}
+        digests = set()
+        for s in self.members():
+            d = admin_call(s.admin, self.keys, "digest", {"tag": cp["tag"], "timeout": 30},
+                           timeout=35)
+            assert d["index"] == cp["index"]
+            digests.add(d["digest"])
+        return digests
+
+
+@asynccontextmanager
+async def workload_running(clients: list[WorkloadClient]) -> AsyncIterator[None]:
+    """The clients logged in and at work inside; at the end they stop, and have 2 s
+    to receive what was sent last before they are cancelled."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for wc in clients:
+            nursery.start_soon(wc.run, stop)
+        for wc in clients:
+            await wc.ready.wait()
+        yield
+        stop.set()
+        await trio.sleep(2)
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture

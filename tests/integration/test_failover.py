@@ -16,7 +16,6 @@ import trio
 
 import client
 from client import Message, PresenceEvent, Reconnected
-from cluster.adminclient import admin_call
 from tests.conftest import Cluster
 from tests.integration.rawlogin import raw_login
 from tests.integration.streams import stream_through
@@ -216,17 +215,6 @@ async def test_a_node_without_a_majority_fences_and_clients_move(
             assert m.id == mid
 
 
-def _checkpoint_digests(c: Cluster, nodes: list[str]) -> set[str]:
-    cp = admin_call(c.spec(nodes[0]).admin, c.keys, "checkpoint", timeout=15)
-    digests = set()
-    for nid in nodes:
-        d = admin_call(c.spec(nid).admin, c.keys, "digest",
-                       {"tag": cp["tag"], "timeout": 30}, timeout=35)
-        assert d["index"] == cp["index"]
-        digests.add(d["digest"])
-    return digests
-
-
 @pytest.mark.parametrize("wipe", [False, True], ids=["same-data-dir", "empty-data-dir"])
 async def test_restarted_node_catches_up(make_cluster: Callable[..., Cluster],
                                          wipe: bool) -> None:
@@ -247,8 +235,7 @@ async def test_restarted_node_catches_up(make_cluster: Callable[..., Cluster],
             shutil.rmtree(victim.data_dir / "raft")
         await trio.to_thread.run_sync(c.restart, victim.id)
         await trio.to_thread.run_sync(lambda: c.wait_ready([victim.id], timeout=60))
-        digests = await trio.to_thread.run_sync(
-            _checkpoint_digests, c, [s.id for s in c.specs])
+        digests = await trio.to_thread.run_sync(c.digests)
         assert len(digests) == 1
         # Each compaction forked a child: the nodes list those holds among their
         # stalls, in the machine's monotonic clock.

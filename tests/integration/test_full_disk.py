@@ -17,7 +17,7 @@ from chaos.checker import check_messages, check_order
 from chaos.history import History
 from chaos.workload import WorkloadClient, WorkloadConfig
 from replication.raft import STORAGE_FAILURE_EXIT
-from tests.conftest import IN_CI, Cluster
+from tests.conftest import IN_CI, Cluster, workload_running
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,6 @@ async def test_a_node_whose_disk_fills_stops_and_loses_nothing_acknowledged(
     clients = [WorkloadClient(k, WorkloadConfig(users=4, rate=10), nodes[k % 3:] + nodes[:k % 3],
                               c.token(f"u{k}"), history, k) for k in range(4)]
     n3 = c.procs["n3"]
-    stop = trio.Event()
 
     async def fill(k: int) -> None:
         # Presence texts of the longest kind, as fast as the node takes them:
@@ -80,11 +79,7 @@ async def test_a_node_whose_disk_fills_stops_and_loses_nothing_acknowledged(
                 await s.set_presence("online", f"{k}:{i} ".ljust(256, "x"))
 
     with trio.fail_after(180):
-        async with trio.open_nursery() as nursery:
-            for wc in clients:
-                nursery.start_soon(wc.run, stop)
-            for wc in clients:
-                await wc.ready.wait()
+        async with workload_running(clients):
             async with trio.open_nursery() as fillers:
                 for k in range(4):
                     fillers.start_soon(fill, k)
@@ -99,9 +94,6 @@ async def test_a_node_whose_disk_fills_stops_and_loses_nothing_acknowledged(
             await trio.to_thread.run_sync(c.restart, "n3")
             await trio.to_thread.run_sync(c.wait_ready)
             await trio.sleep(3)
-            stop.set()
-            await trio.sleep(2)
-            nursery.cancel_scope.cancel()
     messages = check_messages(history)
     order = check_order(history)
     assert messages.acked > 50

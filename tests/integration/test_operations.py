@@ -21,7 +21,7 @@ from chaos.workload import WorkloadClient, WorkloadConfig
 from cluster.adminclient import AdminCallError, admin_call
 from cluster.membership import ClusterAdmin
 from node.auth import Keys
-from tests.conftest import Cluster
+from tests.conftest import Cluster, workload_running
 from tests.integration.rawlogin import raw_login
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,6 @@ async def test_grow_shrink_and_replace_the_leader_under_load(
     cfg = WorkloadConfig(users=4, rate=10)
     nodes = c.client_addresses()
     clients = [WorkloadClient(k, cfg, nodes, c.token(f"u{k}"), history, k) for k in range(4)]
-    stop = trio.Event()
     steps: list[str] = []
 
     def operate() -> None:
@@ -77,17 +76,10 @@ async def test_grow_shrink_and_replace_the_leader_under_load(
         steps.append(f"added {new}")
 
     with trio.fail_after(240):
-        async with trio.open_nursery() as nursery:
-            for wc in clients:
-                nursery.start_soon(wc.run, stop)
-            for wc in clients:
-                await wc.ready.wait()
+        async with workload_running(clients):
             await trio.sleep(1)
             await trio.to_thread.run_sync(operate)
             await trio.sleep(4)
-            stop.set()
-            await trio.sleep(2)
-            nursery.cancel_scope.cancel()
     messages = check_messages(history)
     order = check_order(history)
     assert messages.acked > 50, steps
